@@ -154,7 +154,15 @@ class TextDataModule(LightningDataModule):
         return eval_windows(self.token_ids(), self.seqlen, self.max_windows)
 
     def calibration_windows(self) -> torch.Tensor:
-        return calibration_windows(self.token_ids(), self.seqlen, self.nsamples, self.seed)
+        ids = self.token_ids()
+        # Random offsets may overlap, but a text shorter than nsamples disjoint windows would make the
+        # calibration set mostly repeats of itself.
+        if len(ids) < self.nsamples * self.seqlen:
+            raise ValueError(
+                f"nsamples={self.nsamples} windows of seqlen={self.seqlen} need {self.nsamples * self.seqlen} tokens "
+                f"but source={self.source!r} has {len(ids)}; allowed: nsamples <= {len(ids) // self.seqlen}"
+            )
+        return calibration_windows(ids, self.seqlen, self.nsamples, self.seed)
 
     # -- loaders ---------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:

@@ -103,3 +103,11 @@ def test_unknown_text_field(tmp_path, tiny_model_dir):
     path.write_text(json.dumps({"body": TEXT}))
     with pytest.raises(ValueError, match=r"text_field='text'.*\['body'\]"):
         _module(tmp_path, tiny_model_dir, path, seqlen=8)
+
+
+def test_calibration_set_too_small_for_the_requested_samples(tmp_path, tiny_model_dir):
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT)
+    dm = _module(tmp_path, tiny_model_dir, path, seqlen=16, nsamples=10_000)
+    with pytest.raises(ValueError, match=r"nsamples=10000 windows of seqlen=16 need 160000 tokens"):
+        dm.calibration_windows()
