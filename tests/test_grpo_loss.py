@@ -1,10 +1,8 @@
-"""Pure GRPO core: advantages, token statistics, surrogate/KL/aggregation, entropy sign, schedules and rewards
-(spec ``grpo_phased_entropy.md`` §7 tests 1-12, 15, 16 at the level of pure functions)."""
+"""Pure GRPO core (spec ``grpo_phased_entropy.md`` §7 tests 1-12, 15, 16 at the level of pure functions)."""
 
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 import torch
@@ -15,7 +13,8 @@ from lit_modules.grpo.entropy import SCHEDULES, ConstMax, ConstMin, MaxToMin, Mi
 from lit_modules.grpo.loss import (GRPOLossConfig, aggregate, clipped_surrogate, combined_advantages, completion_mask,
                                    group_advantages, grpo_loss, k3_kl, reward_metrics, token_stats)  # fmt: skip
 from lit_modules.grpo.rewards import (REWARDS, Accuracy, Format, MajorityVote, RewardSet, SoftSelfConsistency,
-                                      TokenEntropy, answers_match, build_reward, extract_answer, weighted_sum)  # fmt: skip
+                                      TokenEntropy, answers_match, build_reward, extract_answer,
+                                      weighted_sum)  # fmt: skip
 
 LN2, LN3, LN4, NAN = math.log(2), math.log(3), math.log(4), math.nan
 
@@ -28,7 +27,7 @@ def test_constant_group_has_zero_advantage(scale: str, c: float) -> None:
     assert not torch.isnan(adv).any() and torch.equal(adv[:3], torch.zeros(3)) and adv[3:].abs().sum() > 0
 
 
-def test_known_group_batch_scale_and_none_rewards() -> None:
+def test_known_group_batch_scale_none_rewards_and_metrics() -> None:
     r = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
     assert group_advantages(r, 4, "group", eps=0.0).tolist() == pytest.approx([1.5, -0.5, -0.5, -0.5], abs=1e-6)
     assert group_advantages(r, 4, "none").tolist() == pytest.approx([0.75, -0.25, -0.25, -0.25], abs=1e-6)
@@ -39,9 +38,6 @@ def test_known_group_batch_scale_and_none_rewards() -> None:
     adv = group_advantages(torch.tensor([NAN] * 4 + [1.0, NAN, 0.0, 0.0]), group_size=4, eps=0.0)
     std = math.sqrt(1 / 3)  # an all-None group gets 0; valid rewards [1, 0, 0] have mean 1/3, unbiased std sqrt(1/3)
     assert adv.tolist() == pytest.approx([0.0] * 4 + [2 / 3 / std, 0.0, -1 / 3 / std, -1 / 3 / std], abs=1e-6)
-
-
-def test_advantage_validation_metrics_and_normalize_then_sum() -> None:
     with pytest.raises(ValueError, match="group_size"):
         group_advantages(torch.zeros(4), 1)
     with pytest.raises(ValueError, match="scale='mean'.*group"):
@@ -66,8 +62,9 @@ def _toy() -> tuple[Tensor, Tensor, Tensor, Tensor]:
 def test_hand_computed_loss(eps_high: float, expected: dict[str, float]) -> None:
     logp, old, adv, mask = _toy()
     per_token, clip = clipped_surrogate(torch.exp(logp - old), adv, mask, 0.2, eps_high)
-    assert per_token[0].tolist() == pytest.approx([-(1 + eps_high), -0.9]) and per_token[1, 0].item() == pytest.approx(0.8)
-    assert [clip[f"clip_ratio/{k}_mean"].item() for k in ("high", "low", "region")] == pytest.approx([1 / 3, 1 / 3, 2 / 3])
+    assert per_token[0].tolist() == pytest.approx([-(1 + eps_high), -0.9]) and per_token[1, 0].item() == 0.8
+    clip_stats = [clip[f"clip_ratio/{k}_mean"].item() for k in ("high", "low", "region")]
+    assert clip_stats == pytest.approx([1 / 3, 1 / 3, 2 / 3])
     for loss_type, value in expected.items():
         config = GRPOLossConfig(loss_type=loss_type, epsilon_high=eps_high)  # type: ignore[arg-type]
         assert grpo_loss(logp, mask, adv, config, old_logp=old).loss.item() == pytest.approx(value, abs=1e-9), loss_type
@@ -85,13 +82,13 @@ def test_entropy_term_on_the_toy(coef: float, expected: float) -> None:
     out = grpo_loss(logp, mask, adv, GRPOLossConfig(), old_logp=old, entropy=entropy, entropy_coef=coef)
     assert out.loss.item() == pytest.approx(expected, abs=1e-6)
     assert out.entropy_loss.item() == pytest.approx(-coef * 0.866434, abs=1e-6)
-    assert [out.metrics["entropy"].item(), out.metrics["entropy_seq"].item()] == pytest.approx([LN2, 0.866434], abs=1e-6)
+    assert [out.metrics[k].item() for k in ("entropy", "entropy_seq")] == pytest.approx([LN2, 0.866434], abs=1e-6)
     config = GRPOLossConfig(entropy_agg="bnpo")
     token_mean = grpo_loss(logp, mask, adv, config, old_logp=old, entropy=entropy, entropy_coef=coef).loss
     assert token_mean.item() == pytest.approx(-0.125 - coef * LN2, abs=1e-6)
 
 
-def test_k3_kl_and_beta() -> None:
+def test_k3_kl_beta_config_validation_and_sequence_ratio() -> None:
     logp = torch.zeros(3, dtype=torch.float64, requires_grad=True)
     kl = k3_kl(logp, torch.tensor([LN2, 0.0, -1.3], dtype=torch.float64))
     assert kl[0].item() == pytest.approx(0.306853, abs=1e-6) and kl[1].item() == 0.0
@@ -104,11 +101,9 @@ def test_k3_kl_and_beta() -> None:
     assert out.loss.item() == pytest.approx(-1.3 / 3 + 0.04 * kl) and out.metrics["kl"].item() == pytest.approx(kl)
     with pytest.raises(ValueError, match="ref_logp"):
         grpo_loss(logp, mask, adv, GRPOLossConfig(beta=0.04), old_logp=old)
-
-
-def test_config_validation_and_sequence_level_ratio() -> None:
     for kwargs, message in [({"loss_type": "ppo"}, r"loss_type='ppo'.*'grpo', 'bnpo', 'dr_grpo', 'dapo'"),
-                            ({"epsilon_high": -0.1}, "epsilon_high=-0.1"), ({"entropy_agg": "mean"}, "entropy_agg='mean'")]:
+                            ({"epsilon_high": -0.1}, "epsilon_high=-0.1"),
+                            ({"entropy_agg": "mean"}, "entropy_agg='mean'")]:  # fmt: skip
         with pytest.raises(ValueError, match=message):
             GRPOLossConfig(**kwargs)
     assert GRPOLossConfig(loss_type="dapo", entropy_agg="same_as_policy").entropy_loss_type == "dapo"
@@ -118,16 +113,12 @@ def test_config_validation_and_sequence_level_ratio() -> None:
     assert grpo_loss(logp, mask, adv, config, old_logp=old).loss.item() == pytest.approx((-rho1 + 0.8) / 2)
 
 
-@pytest.mark.parametrize("vocab", [7, 49152])  # 49152 = SmolLM2's lm_head size
-@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
-def test_uniform_logits_have_entropy_log_v(vocab: int, temperature: float) -> None:
-    stats = token_stats(torch.full((2, 3, vocab), 1.7), torch.zeros(2, 3, dtype=torch.long), None, temperature,
-                        self_certainty=True)  # fmt: skip
-    for values in (stats.entropy, stats.self_certainty, -stats.logp):
-        assert torch.allclose(values, torch.full((2, 3), math.log(vocab)), atol=1e-4)
-
-
-def test_entropy_and_self_certainty_values() -> None:
+def test_entropy_self_certainty_chunking_and_dtypes() -> None:
+    for vocab, temperature in [(7, 0.5), (7, 2.0), (49152, 1.0), (49152, 0.7)]:  # 49152 = SmolLM2's lm_head size
+        stats = token_stats(torch.full((2, 3, vocab), 1.7), torch.zeros(2, 3, dtype=torch.long), None, temperature,
+                            self_certainty=True)  # fmt: skip
+        for values in (stats.entropy, stats.self_certainty, -stats.logp):  # uniform logits: H = SC = log V
+            assert torch.allclose(values, torch.full((2, 3), math.log(vocab)), atol=1e-4)
     one = torch.zeros(1, 1, dtype=torch.long)
     assert token_stats(torch.tensor([[[0.0, LN3]]]), one).entropy.item() == pytest.approx(0.562335, abs=1e-5)
     peaked = token_stats(torch.tensor([[[1e4, 0.0, 0.0]]]), one)
@@ -136,7 +127,8 @@ def test_entropy_and_self_certainty_values() -> None:
     logits, tokens = torch.randn(3, 5, 11) * 3, torch.randint(0, 11, (3, 5))
     for temperature in (0.7, 1.3):
         stats = token_stats(logits, tokens, temperature=temperature)
-        assert torch.allclose(stats.entropy.double(), Categorical(logits=logits.double() / temperature).entropy(), atol=1e-5)
+        brute = Categorical(logits=logits.double() / temperature).entropy()  # torch's own implementation
+        assert torch.allclose(stats.entropy.double(), brute, atol=1e-5)
         brute_logp = torch.log_softmax(logits.double() / temperature, -1).gather(-1, tokens[..., None]).squeeze(-1)
         assert torch.allclose(stats.logp.double(), brute_logp, atol=1e-5)
     half = token_stats(logits, tokens, temperature=0.5).entropy  # T = 0.5 on z is T = 1 on 2z, not T = 1 on z
@@ -147,9 +139,6 @@ def test_entropy_and_self_certainty_values() -> None:
     assert torch.allclose(sc, token_stats(logits + 5.0, tokens, self_certainty=True).self_certainty, atol=1e-4)
     kl_uniform = (math.log(1 / 11) - torch.log_softmax(logits.double(), -1)).mean(-1)  # KL(U ‖ q)
     assert torch.allclose(sc.double(), kl_uniform + math.log(11), atol=1e-4)
-
-
-def test_chunking_bf16_grad_switch_and_minus_inf() -> None:
     torch.manual_seed(1)
     logits, tokens, mask = torch.randn(4, 6, 13), torch.randint(0, 13, (4, 6)), torch.rand(4, 6) > 0.3
     full = token_stats(logits, tokens, mask, chunk_size=10_000)
@@ -188,10 +177,8 @@ def test_gradient_locality_and_eos_in_mask() -> None:
 
 def _reference_loss(logp: Tensor, old: Tensor, adv: Tensor, mask: Tensor, loss_type: str, l_max: int) -> Tensor:
     """Independent loop implementation of spec §1.3-1.4 (ε = 0.2, β = λ = 0, one micro-batch)."""
-    seqs = []
-    for i in range(logp.shape[0]):
-        rhos = [torch.exp(logp[i, t] - old[i, t]) for t in range(logp.shape[1]) if mask[i, t]]
-        seqs.append([-torch.min(rho * adv[i], torch.clamp(rho, 0.8, 1.2) * adv[i]) for rho in rhos])
+    ratios = [torch.exp(lp - o)[m] for lp, o, m in zip(logp, old, mask)]  # one 1-D tensor of ρ per sequence
+    seqs = [[-torch.min(r * a, torch.clamp(r, 0.8, 1.2) * a) for r in rs] for rs, a in zip(ratios, adv)]
     total, count = sum(sum(seq) for seq in seqs), sum(len(seq) for seq in seqs)
     if loss_type == "grpo":
         return sum(sum(seq) / max(1, len(seq)) for seq in seqs) / len(seqs)
@@ -223,8 +210,10 @@ def test_accumulation_invariance(loss_type: str, splits: list[int]) -> None:
     def grads(chunks: list[int]) -> list[Tensor]:
         logp.grad = entropy.grad = None
         for rows in torch.arange(8).split(chunks):
-            grpo_loss(logp[rows], mask[rows], adv[rows], config, old_logp=logp[rows].detach() * 0.9, entropy=entropy[rows],
-                      entropy_coef=0.1, tokens_per_rank=float(mask.sum()), grad_accum_steps=len(chunks)).loss.backward()  # fmt: skip
+            out = grpo_loss(logp[rows], mask[rows], adv[rows], config, old_logp=logp[rows].detach() * 0.9,
+                            entropy=entropy[rows], entropy_coef=0.1, tokens_per_rank=float(mask.sum()),
+                            grad_accum_steps=len(chunks))  # fmt: skip
+            out.loss.backward()
         return [logp.grad.clone(), entropy.grad.clone()]
 
     for whole, split in zip(grads([8]), grads(splits)):
@@ -238,13 +227,14 @@ def test_sign_convention_moves_entropy(coef: float) -> None:
     tokens, mask = torch.randint(0, 10, (4, 3)), torch.ones(4, 3, dtype=torch.bool)
     before = token_stats(logits.detach(), tokens).entropy.mean().item()
     stats = token_stats(logits, tokens, mask)
-    grpo_loss(stats.logp, mask, torch.zeros(4), GRPOLossConfig(), entropy=stats.entropy, entropy_coef=coef).loss.backward()
+    out = grpo_loss(stats.logp, mask, torch.zeros(4), GRPOLossConfig(), entropy=stats.entropy, entropy_coef=coef)
+    out.loss.backward()
     with torch.no_grad():
         logits -= 0.5 * logits.grad  # one SGD step with zero advantages: only the entropy term acts
     assert (token_stats(logits.detach(), tokens).entropy.mean().item() > before) == (coef > 0)
 
 
-def test_schedule_values_at_key_steps() -> None:
+def test_schedule_values_resume_statelessness_and_validation() -> None:
     phased, reversed_ = MaxToMin(lam_max=0.01, lam_min=0.02), MinToMax(lam_max=0.01, lam_min=0.02)
     for s, value in [(0, 0.01), (79, 0.01), (80, -0.02), (99, -0.02), (150, -0.02)]:
         assert phased(s, 100) == value and reversed_(s, 100) == (-0.02 if value > 0 else 0.01)
@@ -258,14 +248,11 @@ def test_schedule_values_at_key_steps() -> None:
     for d in range(1, 10):
         assert cosine(80 + d, 100) - mid == pytest.approx(-(cosine(80 - d, 100) - mid))
     assert cosine(80, 100) == pytest.approx(mid) and cosine(60, 100) == 0.01 and cosine(95, 100) == -0.02
-
-
-def test_schedule_is_stateless_resumes_and_validates() -> None:
     config = {"name": "max_to_min", "lam_max": 0.01, "lam_min": 0.02, "transition": "linear", "width_frac": 0.3}
     uninterrupted = [schedule_from_config(config)(s, 10) for s in range(10)]
     first, second = schedule_from_config(config), schedule_from_config(config)  # a fresh object after "resume"
     assert [first(s, 10) for s in range(6)] + [second(s, 10) for s in range(6, 10)] == uninterrupted
-    shuffled = random.Random(0).sample(range(10), 10)
+    shuffled = torch.randperm(10, generator=torch.Generator().manual_seed(0)).tolist()
     assert [first(s, 10) for s in shuffled + shuffled] == [uninterrupted[s] for s in shuffled + shuffled]
     assert set(SCHEDULES) == {"none", "const_max", "const_min", "max_to_min", "min_to_max"}
     assert isinstance(schedule_from_config("min_to_max", switch_frac=0.5), MinToMax)
@@ -297,15 +284,16 @@ def test_matching_accuracy_format_and_votes() -> None:
     assert answers_match("persian cat", " Persian Cat ") and not answers_match(None, "1")
     completions = ["<answer>12</answer>", "twelve", "<answer>(5, 5)</answer>", "the answer is 12.0"]
     assert Accuracy()([""] * 4, completions, label=["12", "12", [0, 0, 10, 10], None]) == [1.0, 0.0, 1.0, None]
-    good = "  <think>a</think>\n<answer>3</answer>\n"
-    bad = ["<answer>3</answer>", "<think>a</think><answer></answer>", "<think>a</think><answer>x</answer><answer>3</answer>"]
+    think = "<think>a</think>"
+    good, bad = f"  {think}\n<answer>3</answer>\n", ["<answer>3</answer>", f"{think}<answer></answer>",
+                                                       f"{think}<answer>x</answer><answer>3</answer>"]  # fmt: skip
     assert Format()([""] * 4, [good, *bad]) == [1.0, 0.0, 0.0, 0.0]
-    assert Format("number")([""] * 2, [good, "<think>a</think><answer>cat</answer>"]) == [1.0, 0.0]
+    assert Format("number")([""] * 2, [good, f"{think}<answer>cat</answer>"]) == [1.0, 0.0]
     completions, groups = ["<answer>a</answer>", "<answer>a</answer>", "<answer>b</answer>", "nothing"], [0, 0, 0, 0]
     assert MajorityVote(last_number=False)([""] * 4, completions, group_ids=groups) == [1.0, 1.0, 0.0, 0.0]
     assert SoftSelfConsistency(last_number=False)([""] * 4, completions, group_ids=groups) == [0.5, 0.5, 0.25, 0.0]
-    tie = ["<answer>a</answer>", "<answer>b</answer>", "<answer>b</answer>", "<answer>a</answer>"]
-    assert MajorityVote()([""] * 4, tie, group_ids=[0, 0, 1, 1]) == [1.0, 0.0, 1.0, 0.0]  # ties to the earliest
+    votes = [f"<answer>{x}</answer>" for x in "abbabaa"]  # groups [a, b], [b, a] tie to the earliest; [b, a, a] -> a
+    assert MajorityVote()([""] * 7, votes, group_ids=[0, 0, 1, 1, 2, 2, 2]) == [1, 0, 1, 0, 0, 1, 1]
     assert MajorityVote()([""] * 2, ["x", "y"], group_ids=[3, 3]) == [0.0, 0.0]  # all None
     hybrid = MajorityVote(hybrid=True)
     assert hybrid([""] * 3, completions[:3], group_ids=[0] * 3, label=["b"] * 3) == [0.0, 0.0, 1.0]
@@ -321,27 +309,25 @@ def _model_columns() -> dict[str, object]:
             "token_self_certainty": torch.rand(3, 4) + 3, "group_ids": [0, 0, 1], "label": ["1", "2", "3"]}  # fmt: skip
 
 
-def test_model_statistic_rewards() -> None:
+def test_model_statistic_and_label_free_rewards() -> None:
     cols, blank = _model_columns(), [""] * 3
     h = cols["token_entropy"]
     assert TokenEntropy()(blank, blank, **cols)[:2] == pytest.approx([-h[0, :3].mean().item(), -h[1].mean().item()])
     last2 = [-h[0, 1:3].mean().item(), -h[1, 2:].mean().item()]
     assert TokenEntropy("last_k", last_k=2)(blank, blank, **cols)[:2] == pytest.approx(last2)
-    assert build_reward("seq_logprob")(blank, blank, **cols)[0] == pytest.approx(cols["token_logp"][0, :3].mean().item())
+    assert build_reward("seq_logprob")(blank, blank, **cols)[0] == pytest.approx(cols["token_logp"][0, :3].mean())
     assert build_reward("self_certainty")(blank, blank, **cols)[2] is None  # empty completion: not scorable
     assert all(REWARDS[n].needs_model_stats for n in ("token_entropy", "self_certainty", "seq_logprob"))
     with pytest.raises(ValueError, match="token_entropy"):
         TokenEntropy()([""], [""], completion_mask=cols["completion_mask"][:1])
+    assert RewardSet(["accuracy", "self_certainty"]).needs_model_stats and not RewardSet(["accuracy"]).needs_model_stats
+    texts, permuted = ["<answer>1</answer>"] * 2 + ["<answer>2</answer>"], {**cols, "label": ["3", "1", "2"]}
+    for name in ("token_entropy", "self_certainty", "seq_logprob", "majority_vote", "soft_self_consistency"):
+        reward = build_reward(name)  # label-free rewards: permuting the labels changes nothing
+        assert reward(blank, texts, **cols) == reward(blank, texts, **permuted), name
 
 
-@pytest.mark.parametrize("name", ["token_entropy", "self_certainty", "seq_logprob", "majority_vote", "soft_self_consistency"])
-def test_label_free_rewards_ignore_labels(name: str) -> None:
-    cols, completions = _model_columns(), ["<answer>1</answer>", "<answer>1</answer>", "<answer>2</answer>"]
-    reward = build_reward(name)
-    assert reward([""] * 3, completions, **cols) == reward([""] * 3, completions, **{**cols, "label": ["3", "1", "2"]})
-
-
-def user_length_reward(prompts: list, completions: list[str], scale: float = 1.0, **columns: object) -> list[float | None]:
+def user_length_reward(prompts: list, completions: list[str], scale: float = 1.0, **columns: object) -> list[float]:
     """A user reward reached through its import path."""
     return [scale * len(c) for c in completions]
 
@@ -354,9 +340,10 @@ def test_weighted_sum_registry_and_import_paths() -> None:
     assert rewards([""] * 2, ["<answer>4</answer>", "ab"], label=[4, None]) == pytest.approx([1.0 + 2.0 * 1.8, 0.4])
     assert RewardSet(["accuracy"])([""], ["4"], label=[None]) == [None]
     assert isinstance(build_reward({"name": "token_entropy", "span": "last_k"}), TokenEntropy)
+    short = RewardSet([lambda prompts, completions, **columns: [1.0]])
     for call, message in [(lambda: build_reward("acc"), "reward='acc'"),
                           (lambda: build_reward("tests.no_such_module.fn"), "could not be imported"),
-                          (lambda: RewardSet([lambda p, c, **k: [1.0]]).scores(["", ""], ["a", "b"]), "returned 1 values"),
+                          (lambda: short.scores(["", ""], ["a", "b"]), "returned 1 values"),
                           (lambda: RewardSet(["accuracy", "format"], [1.0]), "weights")]:  # fmt: skip
         with pytest.raises(ValueError, match=message):
             call()
