@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from functools import reduce
 from typing import Literal
@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from callbacks.quantization.quantizer import ALLOWED_BITS, QuantConfig
-from callbacks.quantization.rtn import rtn_squared_errors
+from callbacks.quantization.rtn import rtn_quantize, rtn_squared_errors
 
 Solver = Literal["dp", "lagrange"]
 # Fused name -> member leaf names: vLLM fuses these and needs one precision across the shards.
@@ -44,6 +44,16 @@ def module_sensitivities(weight: Tensor, trace: float, config: QuantConfig, pale
     """``{b: Ω_l(b)}`` for one module, with RTN at every width of ``palette`` on the run's grid ``config``."""
     errors = rtn_squared_errors(weight, config, palette)
     return {b: hawq_sensitivity(trace, weight.numel(), err) for b, err in errors.items()}
+
+
+def quadratic_sensitivities(
+    weight: Tensor, hessian: Tensor, config: QuantConfig, palette: Sequence[int]
+) -> dict[int, float]:
+    """Ablation ``omega="quadratic"``: ``{b: Σ_rows Δwᵀ H Δw}`` with RTN's ``ΔW`` at each width (needs H in pass 1)."""
+    w = weight.detach().to(torch.float64)
+    h = hessian.detach().to(w.device, torch.float64)
+    deltas = {b: w - rtn_quantize(w, replace(config, bits=b)).dequantize() for b in palette}
+    return {b: float(((d @ h) * d).sum()) for b, d in deltas.items()}
 
 
 @dataclass(frozen=True)
@@ -76,7 +86,7 @@ def build_units(
     couple: bool = True,
     coupling: Mapping[str, Sequence[str]] = DEFAULT_COUPLING,
 ) -> list[Unit]:
-    """Group modules into units: ``<parent>.<fused>`` for coupled leaves (e.g. ``…self_attn.qkv_proj``), else singletons.
+    """Group modules into units: ``<parent>.<fused>`` for coupled leaves (``…self_attn.qkv_proj``), else singletons.
 
     ``Ω_u = Σ_l Ω_l``; a running minimum over increasing b makes it non-increasing, so more bits never look worse.
     """
@@ -142,10 +152,13 @@ def _validate(
     """Eager checks; returns the sorted, de-duplicated palette."""
     bits = sorted(set(palette))
     if not bits or any(isinstance(b, bool) or b not in ALLOWED_BITS for b in bits):
-        raise ValueError(f"palette={list(palette)!r} is not allowed; allowed: a non-empty subset of {list(ALLOWED_BITS)}.")
+        raise ValueError(
+            f"palette={list(palette)!r} is not allowed; allowed: a non-empty subset of {list(ALLOWED_BITS)}."
+        )
     if not isinstance(target, (int, float)) or isinstance(target, bool) or not bits[0] <= target <= bits[-1]:
         raise ValueError(
-            f"target_avg_bits={target!r} is outside the palette's range; allowed: {bits[0]} <= target_avg_bits <= {bits[-1]}."
+            f"target_avg_bits={target!r} is outside the palette's range; "
+            f"allowed: {bits[0]} <= target_avg_bits <= {bits[-1]}."
         )
     if solver not in ("dp", "lagrange"):
         raise ValueError(f"solver={solver!r} is not allowed; allowed: 'dp', 'lagrange'.")

@@ -107,19 +107,25 @@ def make_probes(
 
 def probe_gradients(
     attn_fn: Callable[..., Tensor], projections: Sequence[Tensor], n_probes: int, probe: Probe = "rademacher",
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, batch: int = 1,
 ) -> Iterator[tuple[Tensor, tuple[Tensor, ...]]]:
-    """Yield ``(u, (G_q, G_k, G_v))`` with ``G_p = ∂⟨u, O⟩/∂P_p`` for ``n_probes`` random probes ``u``.
+    """Yield ``(u, (G_q, G_k, G_v))``, ``G_p = ∂⟨u, O⟩/∂P_p``, for ``batch`` probes ``u`` at a time (leading dim).
 
     One forward builds the graph; each probe is one backward through it (autograd handles softmax, RoPE and
-    GQA). Grad is enabled locally because the calibration engine runs under ``no_grad``.
+    GQA); ``batch > 1`` vmaps the backward over probes. The probes do not depend on ``batch``. Grad is enabled
+    locally because the calibration engine runs under ``no_grad``.
     """
     with torch.enable_grad():
         leaves = [p.detach().requires_grad_(True) for p in projections]
         out = attn_fn(*leaves)
         probes = make_probes(n_probes, out.shape, probe, out, generator)
-        for i, u in enumerate(probes):  # keep the graph until the last probe
-            yield u, torch.autograd.grad(out, leaves, grad_outputs=u, retain_graph=i + 1 < n_probes)
+        for start in range(0, n_probes, batch):
+            u, keep = probes[start : start + batch], start + batch < n_probes  # keep the graph for later probes
+            if batch == 1:
+                grads = torch.autograd.grad(out, leaves, grad_outputs=u[0], retain_graph=keep)
+                yield u, tuple(g.unsqueeze(0) for g in grads)
+            else:
+                yield u, torch.autograd.grad(out, leaves, grad_outputs=u, retain_graph=keep, is_grads_batched=True)
 
 
 @dataclass
@@ -177,35 +183,30 @@ def plain_statistics(x: Tensor, d_outs: Mapping[str, int], with_hessian: bool = 
 
 
 def probe_statistics(
-    x: Tensor,
-    projections: Mapping[str, Tensor],
-    attn_fn: Callable[..., Tensor],
-    *,
-    n_probes: int = 4,
-    probe: Probe = "rademacher",
-    reduce: Reduce = "token_diag",
-    generator: torch.Generator | None = None,
-    with_hessian: bool = True,
+    x: Tensor, projections: Mapping[str, Tensor], attn_fn: Callable[..., Tensor], *, n_probes: int = 4,
+    probe: Probe = "rademacher", reduce: Reduce = "token_diag", generator: torch.Generator | None = None,
+    with_hessian: bool = True, probe_batch: int = 1,
 ) -> QKVStatistics:
     """Attention-aware statistics of one sequence from its projection outputs and any attention function.
 
     ``projections`` maps names (``q``, ``k``, ``v``) to ``P_p`` ``[T, d_out_p]`` in ``attn_fn``'s argument order;
-    ``attn_fn(*P)`` returns ``O`` ``[T, ·]``. ``token_diag`` keeps ``Σ_t w_t x_t x_tᵀ/d_out`` and trace
-    ``Σ_t w_t‖x_t‖²``; ``gram`` keeps ``E_u[XᵀG GᵀX]/d_out`` and the exact GN trace ``E_u‖GᵀX‖²``.
+    ``attn_fn(*P)`` returns ``O`` ``[T, ·]``; ``probe_batch`` probes share one (vmapped) backward. ``token_diag``
+    keeps ``Σ_t w_t x_t x_tᵀ/d_out`` and trace ``Σ_t w_t‖x_t‖²``; ``gram`` keeps ``E_u[XᵀG GᵀX]/d_out`` and the
+    exact GN trace ``E_u‖GᵀX‖²``.
     """
-    _check_probe_options(n_probes, probe, reduce)
+    _check_probe_options(n_probes, probe, reduce, probe_batch)
     x = x.detach().to(_stat_dtype(x))
     names, leaves = list(projections), [p.detach().to(x.dtype) for p in projections.values()]
     sq_grad = {p: x.new_zeros(x.shape[0]) for p in names}
     gram, gram_trace = {p: x.new_zeros(x.shape[1], x.shape[1]) for p in names}, {p: x.new_zeros(()) for p in names}
-    for _, grads in probe_gradients(attn_fn, leaves, n_probes, probe, generator):
-        for p, g in zip(names, grads):
-            sq_grad[p] += g.square().sum(dim=1) / n_probes
+    for _, grads in probe_gradients(attn_fn, leaves, n_probes, probe, generator, probe_batch):
+        for p, g in zip(names, grads):  # g: [probes, T, d_out]
+            sq_grad[p] += g.square().sum(dim=(0, 2)) / n_probes
             if reduce == "gram":
-                gx = g.T @ x  # Gᵀ X, [d_out, c]; its squared norm is ‖J_pᵀu‖²
+                gx = g.transpose(1, 2) @ x  # Gᵀ X, [probes, d_out, c]; its squared norm is ‖J_pᵀu‖²
                 gram_trace[p] += gx.square().sum() / n_probes
                 if with_hessian:
-                    gram[p] += gx.T @ gx / (n_probes * g.shape[1])
+                    gram[p] += (gx.transpose(1, 2) @ gx).sum(0) / (n_probes * g.shape[2])
     d_out = {p: leaf.shape[1] for p, leaf in zip(names, leaves)}
     if reduce == "gram":
         return QKVStatistics(gram if with_hessian else {}, gram_trace, 1)
@@ -214,10 +215,11 @@ def probe_statistics(
     return QKVStatistics(hessians, traces, 1)
 
 
-def _check_probe_options(n_probes: int, probe: str, reduce: str) -> None:
+def _check_probe_options(n_probes: int, probe: str, reduce: str, probe_batch: int) -> None:
     """Eager validation: ``ValueError`` naming the option, the value and what is allowed."""
-    if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 1:
-        raise ValueError(f"n_probes={n_probes!r} is not allowed; allowed: a positive int (default 4).")
+    for option, value in (("n_probes", n_probes), ("probe_batch", probe_batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{option}={value!r} is not allowed; allowed: a positive int.")
     if probe not in ("rademacher", "gaussian"):
         raise ValueError(f"probe={probe!r} is not allowed; allowed: 'rademacher', 'gaussian'.")
     if reduce not in ("token_diag", "gram"):
@@ -245,6 +247,7 @@ def qkv_statistics(
     reduce: Reduce = "token_diag",
     generator: torch.Generator | None = None,
     with_hessian: bool = True,
+    probe_batch: int = 1,
 ) -> QKVStatistics:
     """q/k/v statistics for inputs ``x`` ``[T, c]`` (one sequence) or ``[B, T, c]`` (B sequences).
 
@@ -254,7 +257,7 @@ def qkv_statistics(
     """
     if set(weights) != set(PROJECTIONS):
         raise ValueError(f"weights must have keys {list(PROJECTIONS)}, got {sorted(weights)}.")
-    _check_probe_options(n_probes, probe, reduce)
+    _check_probe_options(n_probes, probe, reduce, probe_batch)
     seqs = x if x.dim() == 3 else x.unsqueeze(0)
     total = QKVStatistics()
     for b, seq in enumerate(seqs):
@@ -269,7 +272,7 @@ def qkv_statistics(
             return attention_core(q, k, v, heads, c, s)
 
         total.add_(probe_statistics(seq, proj, attn_fn, n_probes=n_probes, probe=probe, reduce=reduce,
-                                    generator=generator, with_hessian=with_hessian))
+                                    generator=generator, with_hessian=with_hessian, probe_batch=probe_batch))
     return total
 
 

@@ -167,6 +167,7 @@ class _Solver:
         self.w, self.upper, self.config, self.blocksize = w, upper, config, blocksize
         rows, cols = w.shape
         self.order = order if order is not None else torch.arange(cols, device=w.device)
+        self.source_column = self.order.tolist()  # host copy: no device sync per column
         self.channel, self.static, self.refit = channel, static, refit
         n_groups = config.num_groups(cols)
         self.scales = torch.zeros(rows, n_groups, dtype=w.dtype, device=w.device)
@@ -216,7 +217,7 @@ class _Solver:
             gid = 0
             self.scales[:, 0], self.zeros[:, 0] = self.channel
         elif self.static is not None:
-            gid = int(self.order[pos]) // g  # static grids follow the original column order
+            gid = self.source_column[pos] // g  # static grids follow the original column order
             self.scales[:, gid], self.zeros[:, gid] = self.static[gid]
         else:
             gid = pos // g  # dynamic grids follow the solve order, so act-order needs g_idx

@@ -39,7 +39,9 @@ class QuantConfig:
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or not (
             self.group_size == -1 or self.group_size > 0
         ):
-            raise ValueError(f"group_size={self.group_size!r} is not allowed; allowed: -1 (per-channel) or a positive int.")
+            raise ValueError(
+                f"group_size={self.group_size!r} is not allowed; allowed: -1 (per-channel) or a positive int."
+            )
         if isinstance(self.grid, bool) or not isinstance(self.grid, int) or self.grid < 1:
             raise ValueError(f"grid={self.grid!r} is not allowed; allowed: a positive int (default 100).")
         if not 0.0 < self.maxshrink < 1.0:
@@ -47,7 +49,9 @@ class QuantConfig:
         if not 0.0 < self.norm < float("inf"):
             raise ValueError(f"norm={self.norm!r} is not allowed; allowed: a positive float (default 2.4).")
         if self.scale_dtype is not None and self.scale_dtype not in SCALE_DTYPES:
-            raise ValueError(f"scale_dtype={self.scale_dtype!r} is not allowed; allowed: None or one of {SCALE_DTYPES}.")
+            raise ValueError(
+                f"scale_dtype={self.scale_dtype!r} is not allowed; allowed: None or one of {SCALE_DTYPES}."
+            )
 
     @property
     def maxq(self) -> int:
@@ -177,7 +181,8 @@ def quantize_weight(weight: Tensor, config: QuantConfig) -> QuantizedWeight:
         # The same per-group call GPTQ makes, so GPTQ with H = I reproduces these codes bit for bit.
         cols_k = slice(k * width, (k + 1) * width)
         scale, zero = fit_params(w[:, cols_k], config)
-        codes[:, cols_k] = quantize_codes(w[:, cols_k], scale.unsqueeze(1), zero.unsqueeze(1), config.maxq).to(torch.uint8)
+        codes_k = quantize_codes(w[:, cols_k], scale.unsqueeze(1), zero.unsqueeze(1), config.maxq)
+        codes[:, cols_k] = codes_k.to(torch.uint8)
         scales[:, k], zeros[:, k] = scale, zero.to(torch.uint8)
     g_idx = torch.arange(cols, device=w.device) // width
     return QuantizedWeight(codes, scales, zeros, g_idx, config)
