@@ -148,3 +148,16 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path):
 def test_sharded_strategies_are_refused_with_the_alternative():
     with pytest.raises(MisconfigurationException, match=r"FSDPStrategy.*strategy='ddp'"):
         refuse_sharded_strategy(FSDPStrategy(), "Pruning")
+
+
+def test_barber_leaves_ignored_modules_dense(tmp_path, tiny_model_dir):
+    path = corpus(tmp_path)
+    dense = linear_weights(AutoModelForCausalLM.from_pretrained(tiny_model_dir("qwen2")))
+    callback = Pruning(method="wanda", barber=True, barber_threshold=0.3, ignore=[r"o_proj"],
+                       calibration=calibration(path), progress=False)
+    module, _ = validate(tiny_model_dir("qwen2"), path, [callback], tmp_path)
+    for name, weight in linear_weights(module.model).items():
+        if "o_proj" in name:
+            assert torch.equal(weight, dense[name]), name
+        else:
+            assert (weight == 0).float().mean().item() == pytest.approx(0.5), name

@@ -8,6 +8,7 @@ one dense *layer* snapshot and one fp32 dense *block* copy exist at any time.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import time
@@ -64,19 +65,22 @@ def _cast(obj: Any) -> Any:
     return obj
 
 
-def _block_mse(engine: SequentialEngine, index: int, stream: torch.Tensor, block: Block, dense_copy: nn.Module) -> float:
-    """Mean over samples of MSE(sparse block output, dense block output) on ``stream``."""
-    losses: list[float] = []
+def _mse_recorder(block: Block, dense_copy: nn.Module, losses: list[float]) -> BlockRecorder:
+    """Hooks that append MSE(sparse block output, dense block output) of every sample of a pass to ``losses``.
+
+    Attached to a pass the layer makes anyway (the next block's statistics pass, or the propagation), so
+    measuring the error after a rebuild costs no extra pass over the calibration data.
+    """
 
     def on_sample(hidden, kwargs, as_kwarg, out):
-        for row in range(hidden.shape[0]):
-            sample_kwargs = {k: v[row : row + 1] if _per_sample(v, hidden.shape[0]) else v for k, v in kwargs.items()}
-            expected = call_block(dense_copy, hidden[row : row + 1].float(), _cast(sample_kwargs), as_kwarg)
-            losses.append(float(F.mse_loss(out[row : row + 1].float(), expected.float())))
+        with torch.no_grad():
+            for row in range(hidden.shape[0]):
+                sample_kwargs = {k: v[row : row + 1] if _per_sample(v, hidden.shape[0]) else v
+                                 for k, v in kwargs.items()}
+                expected = call_block(dense_copy, hidden[row : row + 1].float(), _cast(sample_kwargs), as_kwarg)
+                losses.append(float(F.mse_loss(out[row : row + 1].float(), expected.float())))
 
-    with torch.no_grad(), BlockRecorder(block, on_sample):
-        engine.run_layer(index, stream, write=False)
-    return sum(losses) / max(len(losses), 1)
+    return BlockRecorder(block, on_sample)
 
 
 def _per_sample(value: Any, batch: int) -> bool:
@@ -84,7 +88,7 @@ def _per_sample(value: Any, batch: int) -> bool:
 
 
 def _accumulate(engine: SequentialEngine, index: int, stream: torch.Tensor, block: Block,
-                dense_copy: nn.Module) -> GradSquareAccumulator:
+                dense_copy: nn.Module, also: list[BlockRecorder]) -> GradSquareAccumulator:
     """Mean of squared per-sample gradients of the dense block's weights against the sparse block outputs."""
     state: dict[str, GradSquareAccumulator] = {}
 
@@ -94,7 +98,9 @@ def _accumulate(engine: SequentialEngine, index: int, stream: torch.Tensor, bloc
             state["acc"] = GradSquareAccumulator(dense_copy, weight_names=list(block.linears.values()), forward=forward)
         state["acc"].update(hidden, out, kwargs)
 
-    with BlockRecorder(block, on_sample):
+    with contextlib.ExitStack() as stack:
+        for recorder in [BlockRecorder(block, on_sample), *also]:
+            stack.enter_context(recorder)
         engine.run_layer(index, stream, write=False)
     return state["acc"]
 
@@ -117,11 +123,16 @@ def _new_masks(scores: dict[str, torch.Tensor], init: dict[str, torch.Tensor], p
 
 def rebuild_block(engine: SequentialEngine, index: int, stream: torch.Tensor, layer: nn.Module, block: Block,
                   dense: dict[str, torch.Tensor], init_masks: dict[str, torch.Tensor], pattern: SparsityPattern,
-                  options: BarberOptions) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Rebuild one block's masks on ``stream`` and write the new sparse weights into ``layer``."""
+                  options: BarberOptions, also: list[BlockRecorder] = ()) -> tuple[dict, dict, nn.Module]:
+    """Rebuild one block's masks on ``stream`` and write the new sparse weights into ``layer``.
+
+    ``also``: extra recorders riding on this block's statistics pass. Returns the masks, the report info
+    and the dense fp32 block copy (to measure the error after the rebuild on a later pass).
+    """
     dense_copy = _fp32_dense_copy(block, dense)
-    accumulator = _accumulate(engine, index, stream, block, dense_copy)
-    modules = {name: layer.get_submodule(name) for name in block.linears}
+    accumulator = _accumulate(engine, index, stream, block, dense_copy, list(also))
+    # Modules the user excluded with `ignore` have no initial mask and stay dense.
+    modules = {name: layer.get_submodule(name) for name in block.linears if name in init_masks}
     scores, reset = {}, {}
     for name, module in modules.items():
         grad_sq = accumulator.grad_sq_mean[block.linears[name]]
@@ -131,12 +142,8 @@ def rebuild_block(engine: SequentialEngine, index: int, stream: torch.Tensor, la
     masks, stats = _new_masks(scores, {n: init_masks[n] for n in modules}, pattern, options)
     for name, module in modules.items():
         set_weight_matrix(module, apply_mask(reset[name], masks[name]))
-    info = {"block": block.kind, "block_mse_before": accumulator.mean_loss, **stats.as_dict()}
-    if options.log_block_mse:
-        with torch.no_grad():
-            dense_copy.requires_grad_(False)
-            info["block_mse_after"] = _block_mse(engine, index, stream, block, dense_copy)
-    return masks, info
+    dense_copy.requires_grad_(False)
+    return masks, {"block": block.kind, "block_mse_before": accumulator.mean_loss, **stats.as_dict()}, dense_copy
 
 
 def run_barber(engine: SequentialEngine, prune_init: InitPruner, needs_init_stream: bool, pattern: SparsityPattern,
@@ -149,14 +156,14 @@ def run_barber(engine: SequentialEngine, prune_init: InitPruner, needs_init_stre
         bar = tqdm(range(len(engine.layers)), desc="LLM-Barber layers", unit="layer", disable=not engine.progress)
         for index in bar:
             with engine.onloaded(index) as layer:
-                records.extend(_barber_layer(engine, index, layer, rebuilt, init_stream, prune_init, pattern, options))
-                if after_layer is not None:
-                    after_layer(layer)
-                engine.run_layer(index, rebuilt, write=True)
+                records.extend(_barber_layer(engine, index, layer, rebuilt, init_stream, prune_init, pattern, options,
+                                             after_layer))
     return records
 
 
-def _barber_layer(engine, index, layer, rebuilt, init_stream, prune_init, pattern, options) -> list[dict[str, Any]]:
+def _barber_layer(engine, index, layer, rebuilt, init_stream, prune_init, pattern, options,
+                  after_layer) -> list[dict[str, Any]]:
+    """Init-prune layer ``index``, rebuild attention then MLP, propagate both streams."""
     started = time.perf_counter()
     dense = {name: weight_matrix(m).detach().clone() for name, m in compressible_linears(layer).items()}
     forward = (functools.partial(engine.run_layer, index, init_stream, False) if init_stream is not None
@@ -165,16 +172,30 @@ def _barber_layer(engine, index, layer, rebuilt, init_stream, prune_init, patter
     if init_stream is not None:
         engine.run_layer(index, init_stream, write=True)  # the init pruner's next layer sees init-pruned outputs
     by_name = {r["name"][len(f"{engine.layers_name}.{index}."):]: r for r in records}
+    pending: list[BlockRecorder] = []  # measures the previous block's error after its rebuild
+    after_losses: list[list[float]] = []
     for block in layer_blocks(layer):
-        masks, info = rebuild_block(engine, index, rebuilt, layer, block, dense, init_masks, pattern, options)
+        masks, info, dense_copy = rebuild_block(engine, index, rebuilt, layer, block, dense, init_masks, pattern,
+                                                options, pending)
+        losses: list[float] = []
+        after_losses.append(losses)
+        pending = [_mse_recorder(block, dense_copy, losses)] if options.log_block_mse else []
         for name, mask in masks.items():
-            record = by_name[name]
-            record["barber"] = {k: v for k, v in info.items() if not k.startswith("block_mse")}
-            record.update({k: v for k, v in info.items() if k.startswith("block_mse")})
-            record.update(masked=int(mask.sum()), ratio=float(mask.float().mean()),
-                          zeros=int((weight_matrix(layer.get_submodule(name)) == 0).sum()),
-                          nm_violations=nm_violations(mask, pattern))
+            by_name[name].update(barber=info, block_losses=losses, masked=int(mask.sum()),
+                                 ratio=float(mask.float().mean()), nm_violations=nm_violations(mask, pattern),
+                                 block_mse_before=info["block_mse_before"])
+    if after_layer is not None:
+        after_layer(layer)
+    with contextlib.ExitStack() as stack:
+        for recorder in pending:
+            stack.enter_context(recorder)
+        engine.run_layer(index, rebuilt, write=True)
     seconds = time.perf_counter() - started
     for record in records:
+        losses = record.pop("block_losses")
+        if losses:
+            record["block_mse_after"] = sum(losses) / len(losses)
+        record["barber"] = {k: v for k, v in record["barber"].items() if k != "block_mse_before"}
+        record["zeros"] = int((weight_matrix(layer.get_submodule(record["name"].rsplit(f".{index}.", 1)[1])) == 0).sum())
         record["seconds"] = seconds / max(len(records), 1)
     return records
