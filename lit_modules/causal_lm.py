@@ -94,7 +94,8 @@ class CausalLM(LightningModule):
             nll, count = window_nll(self.model(input_ids=batch["input_ids"]).logits, batch["input_ids"])
             self.ppl.update(nll, count)
             self.log(f"{prefix}/ppl", self.ppl, add_dataloader_idx=False, batch_size=batch["input_ids"].shape[0])
-            self.log(f"{prefix}/seqlen", float(batch["input_ids"].shape[1]), add_dataloader_idx=False)
+            self.log(f"{prefix}/seqlen", float(batch["input_ids"].shape[1]), add_dataloader_idx=False,
+                     sync_dist=True)
             return
         for example in batch:
             self._score_example(example, prefix)

@@ -131,6 +131,7 @@ class CompressionCallback(Callback):
         """Compress ``pl_module``'s model once; later calls (and resumed runs) do nothing."""
         if self.done:
             return self.report
+        trainer.strategy.barrier()  # ranks enter the collective-heavy calibration together (spec §7.4)
         model = find_hf_model(pl_module, self.model_attr)
         if self.needs_calibration and self._windows is None:
             self._windows = self._calibration_windows(trainer)
@@ -182,9 +183,10 @@ class CompressionCallback(Callback):
         return {}
 
     def _publish(self, trainer: Trainer) -> None:
+        # Every rank: Trainer.log_dir broadcasts under DDP, so calling it on rank 0 alone would hang.
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
         if not trainer.is_global_zero:
             return
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
         path = write_json_atomic(log_dir / self.report_name, self.report)
         rank_zero_info(f"{type(self).__name__}: {self.report['summary']} (report: {path})")
         for logger in trainer.loggers:

@@ -1,0 +1,54 @@
+"""A test-only callback that records, per rank, what a distributed run did (used by ``test_distributed.py``).
+
+The CLI loads it by ``class_path: tests.distributed_probe.RankProbe`` (the test puts the repository on
+``PYTHONPATH``). Each rank writes ``rank<k>.json`` into ``out_dir``:
+
+- checksums of the compressible weights and of their zero masks, computed independently of the callback
+  under test, right before validation batches run (after every callback's ``on_validation_start``);
+- what the ``CompressionCallback`` under test reported on this rank (``report["weights_sha256"]``);
+- a digest of every validation window this rank evaluated, to check the sharding has no padding;
+- the synced validation metrics seen by this rank at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from lightning import Callback, LightningModule, Trainer
+
+from callbacks.calibration.callback import CompressionCallback, find_hf_model
+from callbacks.calibration.distributed import checksum
+from callbacks.calibration.layers import weight_matrix
+
+
+class RankProbe(Callback):
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+        self.record: dict = {}
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        model = find_hf_model(pl_module)
+        weights = [weight_matrix(m).detach() for m in CompressionCallback._compressed_modules(model)]
+        reports = [cb.report for cb in trainer.callbacks if isinstance(cb, CompressionCallback)]
+        self.record = {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "weights_sha256": checksum(weights),
+            "mask_sha256": checksum([(w == 0).to(torch.uint8) for w in weights]),
+            "zeros": int(sum(int((w == 0).sum()) for w in weights)),
+            "report_sha256": [r["weights_sha256"] if r else None for r in reports],
+            "windows": [],
+        }
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        for row in batch["input_ids"]:
+            self.record["windows"].append(hashlib.sha256(row.cpu().to(torch.int64).numpy().tobytes()).hexdigest())
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.record["metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        out = Path(self.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.record, indent=1))

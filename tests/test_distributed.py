@@ -1,0 +1,175 @@
+"""Pruning under DDP (CPU, gloo, 2 processes) through the ``litforge`` CLI (pruning spec §7, §9 test 13).
+
+Each case runs the same YAML in subprocesses, once on one process and once with
+``--trainer.strategy ddp --trainer.devices 2`` (one case also with ``ddp_spawn``), and checks that
+
+- every rank ends validation with the same pruned weights (checked by ``tests.distributed_probe.RankProbe``
+  independently of the callback's own all-gather), equal to the 1-process weights bit for bit;
+- ``sparsity_report.json`` (written by rank 0) and the exported folder match the 1-process run;
+- the ranks evaluate disjoint shards whose union is every window once (no sampler padding), and the
+  synced perplexity equals the 1-process perplexity.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tests.pruning_helpers import TEXT
+from tests.tiny_models import save_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_TIMEOUT_S = 180  # a hung collective must fail the test, not stall the suite
+EVAL_WINDOWS = 5  # odd: a padding sampler would evaluate one window twice under 2 processes
+
+CASES = {
+    "wanda": {"method": "wanda"},
+    "wanda_barber": {"method": "wanda", "barber": True, "barber_threshold": 0.3},
+    "sparsegpt_barber": {"method": "sparsegpt", "barber": True, "barber_threshold": 0.3,
+                         "retain_reconstruction": True},
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _config(model_dir: Path, corpus: Path, run_dir: Path, pruning: dict) -> dict:
+    return {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "default_root_dir": str(run_dir),
+            # As in the shipped configs; the report lands in the logger's log_dir.
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                       "init_args": {"save_dir": str(run_dir), "name": "tb", "version": 0}},
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "callbacks": [
+                {"class_path": "callbacks.pruning.callback.Pruning",
+                 "init_args": {**pruning, "progress": False, "export_dir": str(run_dir / "export"),
+                               "calibration": {"class_path": "datamodules.text.TextDataModule",
+                                               "init_args": {"source": str(corpus), "seqlen": 24, "nsamples": 6,
+                                                             "seed": 0}}}},
+                {"class_path": "tests.distributed_probe.RankProbe", "init_args": {"out_dir": str(run_dir / "probe")}},
+            ],
+        },
+        "model": {"class_path": "lit_modules.causal_lm.CausalLM", "init_args": {"model_name_or_path": str(model_dir)}},
+        "data": {"class_path": "datamodules.text.TextDataModule",
+                 "init_args": {"source": str(corpus), "seqlen": 24, "max_windows": EVAL_WINDOWS}},
+    }
+
+
+def _run(config: dict, run_dir: Path, strategy: str) -> dict:
+    """``litforge validate`` with ``strategy`` ("auto": 1 process, else 2 CPU processes); probe records, report."""
+    run_dir.mkdir(parents=True)
+    config_path = run_dir / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    devices = 1 if strategy == "auto" else 2
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           # Same kernels in both runs: Lightning would otherwise give each DDP process cpus/2 threads.
+           "OMP_NUM_THREADS": "1"}
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
+        env.pop(var, None)  # never inherit a launcher's rank from the pytest process
+    started = time.perf_counter()
+    # A new session, so that a timeout kills rank 1 too: ranks blocked in a gloo collective ignore SIGTERM.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lit_modules.cli", "validate", "-c", str(config_path),
+         "--trainer.strategy", strategy, "--trainer.devices", str(devices)],
+        cwd=run_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{strategy} run on {devices} process(es) did not finish in {RUN_TIMEOUT_S}s (a collective "
+                    f"that not every rank joined?)\n{stderr[-6000:]}")
+    seconds = time.perf_counter() - started
+    assert process.returncode == 0, f"exit {process.returncode}\n{stdout[-4000:]}\n{stderr[-8000:]}"
+    probes = {int(p.stem[4:]): json.loads(p.read_text()) for p in (run_dir / "probe").glob("rank*.json")}
+    assert sorted(probes) == list(range(devices)), f"probe files: {sorted(probes)}\n{stderr[-4000:]}"
+    report = json.loads((run_dir / "tb" / "version_0" / "sparsity_report.json").read_text())
+    return {"probes": probes, "report": report, "seconds": seconds, "export": run_dir / "export"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """``runs(case, strategy)`` -> (1-process run, 2-process run) of that case; each run happens once per module."""
+    root = tmp_path_factory.mktemp("ddp")
+    corpus = root / "corpus.txt"
+    corpus.write_text(TEXT)
+    model_dir = save_tiny_model("llama", root / "tiny-llama")
+    cache: dict[tuple[str, str], dict | BaseException] = {}
+
+    def run(case: str, strategy: str) -> dict:
+        key = (case, strategy)
+        if key not in cache:
+            try:
+                run_dir = root / case / strategy
+                cache[key] = _run(_config(model_dir, corpus, run_dir, CASES[case]), run_dir, strategy)
+                print(f"{case} {strategy}: {cache[key]['seconds']:.1f}s")
+            except BaseException as err:  # a second test of the same run fails at once instead of rerunning
+                cache[key] = err
+                raise
+        if isinstance(cache[key], BaseException):
+            raise cache[key]
+        return cache[key]
+
+    return lambda case, strategy="ddp": (run(case, "auto"), run(case, strategy))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("case", "strategy"), [(case, "ddp") for case in CASES] + [("wanda_barber", "ddp_spawn")])
+def test_ddp_pruning_matches_single_process(case, strategy, runs):
+    single, ddp = runs(case, strategy)
+    reference = single["probes"][0]
+    assert reference["zeros"] > 0, "the run pruned nothing; the comparison would be vacuous"
+    assert reference["report_sha256"] == [reference["weights_sha256"]]
+    for rank, probe in ddp["probes"].items():
+        assert probe["world_size"] == 2
+        # Same masks and same weights on every rank, equal to the 1-process result bit for bit.
+        assert probe["mask_sha256"] == reference["mask_sha256"], f"rank {rank} mask differs"
+        assert probe["weights_sha256"] == reference["weights_sha256"], f"rank {rank} weights differ"
+        assert probe["report_sha256"] == [reference["weights_sha256"]], f"rank {rank} callback digest differs"
+
+    # The report written by rank 0 describes the same result, from a 2-process run.
+    assert ddp["report"]["weights_sha256"] == single["report"]["weights_sha256"] == reference["weights_sha256"]
+    assert ddp["report"]["world_size"] == 2 and single["report"]["world_size"] == 1
+    assert ddp["report"]["calibration"] == single["report"]["calibration"]
+    assert ddp["report"]["summary"] == single["report"]["summary"]
+
+    # The exported checkpoints hold identical tensors.
+    exported = load_file(ddp["export"] / "model.safetensors")
+    expected = load_file(single["export"] / "model.safetensors")
+    assert exported.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(exported[name], tensor), name
+
+
+@pytest.mark.slow
+def test_ddp_perplexity_shards_without_padding_and_matches_single_process(runs):
+    """Validation perplexity under DDP equals the 1-process value (spec §5.1: no ``DistributedSampler`` padding)."""
+    single, ddp = runs("wanda")  # the runs of test_ddp_pruning_matches_single_process[wanda-ddp]
+    windows = single["probes"][0]["windows"]
+    assert len(windows) == EVAL_WINDOWS
+    shards = [ddp["probes"][rank]["windows"] for rank in (0, 1)]
+    assert shards == [windows[0::2], windows[1::2]]  # disjoint, 3 + 2 windows, nothing repeated
+
+    expected = single["probes"][0]["metrics"]["val/ppl"]
+    for rank in (0, 1):
+        assert ddp["probes"][rank]["metrics"]["val/ppl"] == pytest.approx(expected, rel=1e-6), f"rank {rank}"
