@@ -118,3 +118,18 @@ def test_group_size_that_does_not_divide_in_features(tmp_path, tiny_model_dir):
 def test_aptq_refuses_a_model_it_cannot_probe(tmp_path, tiny_model_dir):
     with pytest.raises(ValueError, match=r"attention_aware=False"):
         _run(tmp_path, tiny_model_dir, arch="gpt2", method="aptq")
+
+
+def test_mixed_precision_export_reloads_in_transformers_with_identical_logits(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    callback, module, _ = _run(tmp_path, tiny_model_dir, method="aptq", target_avg_bits=3.0, candidate_bits=[2, 4],
+                               symmetric=True, group_size=16, export_dir=str(tmp_path / "export"))
+    assert {r["bits"] for r in callback.report["modules"]} == {2, 4}
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    ids = torch.tensor([[3, 17, 42, 5, 99, 7, 1, 250]])
+    with torch.no_grad():
+        expected = module.model(input_ids=ids).logits
+        assert torch.equal(reloaded(input_ids=ids).logits, expected)
+    config = json.loads((tmp_path / "export" / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "pack-quantized" and len(config["config_groups"]) == 2

@@ -98,6 +98,12 @@ class Quantization(CompressionCallback):
         self.probes = ProbeOptions(n_probes, probe, probe_reduce, seed)
         self.ignore = [re.compile(p) for p in (ignore or [])]
         self.export_format = export_format
+        if export_dir and export_format == "compressed-tensors" and not symmetric:
+            # The files are correct (spec §5), but transformers 5.25 + compressed-tensors 0.20 cannot reload
+            # asymmetric pack-quantized checkpoints: the meta-device model is built with an unpacked zero point.
+            log.warning("export_format='compressed-tensors' with symmetric=False: the checkpoint is valid for "
+                        "compressed-tensors/vLLM, but transformers 5.25 fails to reload asymmetric pack-quantized "
+                        "weights; use symmetric=True for a checkpoint that from_pretrained loads")
         self.needs_calibration = method != "rtn" or target_avg_bits is not None
         self.quantized: dict[str, QuantizedWeight] = {}
         self.plan: dict[str, Any] | None = None
