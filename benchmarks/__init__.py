@@ -1,0 +1,1 @@
+"""Benchmark scripts; importable as a package so tests can reach their helpers."""

@@ -1,0 +1,207 @@
+"""The benchmark plumbing: result-file helpers and the README table renderer (no model is loaded)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import render_readme
+from benchmarks.common import REPO_ROOT, atomic_write_text, merge_rows, peak_rss_mb, read_results, write_results
+
+META = {"mode": "full", "model": "smollm2-135m-instruct", "eval_seqlen": 512, "date": "2025-01-02T03:04:05+00:00",
+        "command": "python benchmarks/pruning.py --out x.json", "settings": {"nsamples": 64, "calib_seqlen": 512,
+                                                                             "eval_windows": 64},
+        "machine": {"cpu_count": 2, "threads": 2, "torch": "2.13.0"}}
+
+
+def row(method, pattern, ppl, sparsity=0.5, seconds=12.34, run=None):
+    return {"run": run or f"{method}-{pattern}", "mode": "full", "method": method, "pattern": pattern,
+            "sparsity": sparsity, "ppl": ppl, "seconds": seconds, "peak_rss_mb": 1234.4, "forward_seconds": 3.456}
+
+
+ROWS = [{**row("barber_wanda", "2:4", 40.0), "barber": True, "barber_granularity": "output1", "barber_threshold": 0.01},
+        row("wanda", "unstructured", 22.5), row("dense", None, 14.049, 0.0, 0.0),
+        row("wanda", "2:4", 45.0), row("magnitude", "unstructured", 99.0)]
+
+README = """# project
+
+intro
+
+<!-- table:pruning -->
+old text that must go
+<!-- /table:pruning -->
+
+## Tests
+"""
+
+
+@pytest.fixture
+def results(tmp_path):
+    path = tmp_path / "pruning.json"
+    write_results(path, ROWS, META)
+    return path
+
+
+def render_file(tmp_path, results, *extra):
+    readme = tmp_path / "README.md"
+    if not readme.exists():
+        readme.write_text(README)
+    code = render_readme.main(["--readme", str(readme), "--results", f"pruning={results}", *extra])
+    return code, readme.read_text()
+
+
+def test_write_results_round_trips_and_merges_by_key(tmp_path):
+    path = tmp_path / "sub" / "r.json"
+    write_results(path, [row("wanda", "2:4", 1.0), row("dense", None, 2.0)], {"mode": "full"})
+    assert read_results(path) == {"meta": {"mode": "full"}, "rows": [row("wanda", "2:4", 1.0), row("dense", None, 2.0)]}
+    write_results(path, [row("dense", None, 3.0), row("magnitude", "4:8", 4.0)], {"mode": "full", "n": 2},
+                  merge_key=("run",))
+    payload = read_results(path)
+    # Replaced in place, new rows appended, header from the latest write.
+    assert [(r["run"], r["ppl"]) for r in payload["rows"]] == [("wanda-2:4", 1.0), ("dense-None", 3.0),
+                                                                ("magnitude-4:8", 4.0)]
+    assert payload["meta"] == {"mode": "full", "n": 2}
+    write_results(path, [row("dense", None, 5.0)], {})
+    assert [r["ppl"] for r in read_results(path)["rows"]] == [5.0]  # no merge key: the file is replaced
+
+
+def test_merge_rows_keeps_order_and_uses_every_key_field():
+    old = [{"a": 1, "b": 1, "v": "old"}, {"a": 1, "b": 2, "v": "old"}]
+    new = [{"a": 1, "b": 2, "v": "new"}, {"a": 2, "b": 1, "v": "new"}]
+    assert merge_rows(old, new, ("a", "b")) == [old[0], new[0], new[1]]
+
+
+def test_read_results_of_a_missing_file_is_empty_and_a_foreign_file_is_refused(tmp_path):
+    assert read_results(tmp_path / "none.json") == {"meta": {}, "rows": []}
+    (tmp_path / "bad.json").write_text(json.dumps([1, 2]))
+    with pytest.raises(ValueError, match="rows"):
+        read_results(tmp_path / "bad.json")
+
+
+def test_atomic_write_keeps_the_file_mode_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "README.md"
+    path.write_text("a")
+    path.chmod(0o644)
+    atomic_write_text(path, "b")
+    assert path.read_text() == "b" and path.stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["README.md"]
+
+
+def test_peak_rss_is_in_megabytes():
+    assert 10 < peak_rss_mb() < 100_000  # KiB misread as bytes or MB would fall outside
+
+
+def test_renderer_formats_sorts_and_captions_the_table(tmp_path, results):
+    code, text = render_file(tmp_path, results)
+    assert code == 0 and "old text" not in text and text.endswith("## Tests\n")
+    lines = text.split("<!-- table:pruning -->\n")[1].split("\n<!-- /table:pruning -->")[0].strip().splitlines()
+    assert lines[0] == "| method | pattern | sparsity | ppl | compression s | peak RSS MB | forward s |"
+    assert lines[2] == "| dense | — | 0.0% | 14.05 | — | 1234 | 3.46 |"
+    assert lines[3] == "| magnitude | unstructured | 50.0% | 99.00 | 12.3 | 1234 | 3.46 |"
+    # Within a pattern, each initial method is followed by its Barber rebuild.
+    assert [line.split(" | ")[0][2:] for line in lines[2:7]] == ["dense", "magnitude", "wanda", "wanda",
+                                                                 "barber_wanda"]
+    caption = lines[-1]
+    assert caption.startswith("_Mode full: smollm2-135m-instruct, calibration 64 × 512 tokens")
+    assert "LLM-Barber: barber_wanda output1 τ=0.01 (2:4);" in caption
+    assert "2025-01-02" in caption and "python benchmarks/pruning.py --out x.json" in caption
+
+
+def test_rendering_is_idempotent_and_check_detects_staleness(tmp_path, results, capsys):
+    assert render_file(tmp_path, results, "--check")[0] == 1  # "old text" is stale
+    _, first = render_file(tmp_path, results)
+    code, second = render_file(tmp_path, results)
+    assert code == 0 and first == second
+    assert render_file(tmp_path, results, "--check")[0] == 0
+    write_results(results, [row("dense", None, 15.0, 0.0, 0.0)], META, merge_key=("run",))
+    code, after_check = render_file(tmp_path, results, "--check")
+    assert code == 1 and after_check == second  # --check never writes
+    assert "stale" in capsys.readouterr().err
+
+
+def test_missing_results_render_a_note_naming_the_producer(tmp_path):
+    code, text = render_file(tmp_path, tmp_path / "absent.json")
+    assert code == 0 and "_No results yet: run `python benchmarks/pruning.py --out" in text
+
+
+@pytest.mark.parametrize("bad", ["<!-- table:pruning -->\nno end\n", "<!-- table:nosuch -->x<!-- /table:nosuch -->",
+                                 "<!-- table:pruning --><!-- table:pruning --><!-- /table:pruning -->"])
+def test_broken_markers_are_refused(tmp_path, results, bad):
+    (tmp_path / "README.md").write_text(bad)
+    code, text = render_file(tmp_path, results)
+    assert code == 2 and text == bad
+
+
+def test_unknown_results_override_is_refused(tmp_path, results):
+    with pytest.raises(SystemExit, match="NAME=PATH"):
+        render_file(tmp_path, results, "--results", "nosuch=x.json")
+
+
+def test_full_pruning_runs_match_the_shipped_configs():
+    yaml = pytest.importorskip("yaml")
+    from benchmarks import pruning
+
+    specs = pruning.run_specs()
+    assert len(specs) == 1 + 5 * 3 and set(pruning.MODES["quick"].runs) <= set(specs)
+    full = pruning.MODES["full"]
+    configs = sorted((REPO_ROOT / "configs" / "prune").glob("*_smollm2*.yaml"))
+    assert configs
+    for path in configs:
+        config = yaml.safe_load(path.read_text())
+        callback = dict(config["trainer"]["callbacks"][0]["init_args"])
+        calibration = callback.pop("calibration")["init_args"]
+        if not callback.get("barber"):
+            callback.pop("barber", None)
+        method, _, suffix = path.stem.partition("_smollm2")
+        spec = specs[f"{method}-{suffix.removeprefix('_') or 'unstructured'}"]
+        assert spec.callback_kwargs == callback, path.name
+        # Same window length and method options; the table calibrates on fewer windows than the configs'
+        # 64 to fit the CPU budget (see MODES["full"]), which its caption states.
+        assert calibration["seqlen"] == full.calib_seqlen and calibration["nsamples"] >= full.nsamples, path.name
+        assert config["data"]["init_args"]["max_windows"] >= full.eval_windows, path.name
+
+
+def test_unknown_pruning_run_names_are_refused():
+    from benchmarks import pruning
+
+    with pytest.raises(SystemExit, match="unknown run"):
+        pruning.selected_runs("full", ["wanda-3of7"])
+
+
+def test_merging_runs_keeps_the_first_command_and_refuses_another_mode(tmp_path):
+    from benchmarks import pruning
+
+    path = tmp_path / "r.json"
+    assert pruning.merged_meta(path, {"mode": "full", "date": "d1", "command": "first"})["command"] == "first"
+    write_results(path, [row("dense", None, 1.0)], {"mode": "full", "date": "d1", "command": "first"})
+    meta = pruning.merged_meta(path, {"mode": "full", "date": "d2", "command": "second --runs x"})
+    assert meta["command"] == "first" and meta["updates"] == [{"date": "d2", "command": "second --runs x"}]
+    with pytest.raises(SystemExit, match="cannot merge"):
+        pruning.merged_meta(path, {"mode": "quick", "date": "d3", "command": "third"})
+
+
+def test_caption_spans_the_days_rows_were_measured():
+    rows = [{**row("dense", None, 1.0), "date": "2025-01-02T00:00:00"},
+            {**row("wanda", "2:4", 2.0), "date": "2025-01-05T00:00:00"}]
+    assert "2025-01-02 to 2025-01-05" in render_readme.pruning_caption(META, rows)
+
+
+def test_forward_seconds_runs_each_window_once_at_batch_one_without_grad():
+    import torch
+
+    from benchmarks.common import forward_seconds
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(1))
+            self.calls = []
+
+        def forward(self, input_ids):
+            self.calls.append((tuple(input_ids.shape), torch.is_grad_enabled(), self.training))
+            return input_ids * self.weight
+
+    model = Recorder().train()
+    seconds = forward_seconds(model, torch.zeros(3, 5, dtype=torch.long))
+    assert seconds >= 0 and model.calls == [((1, 5), False, False)] * 3 and model.training
