@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(BIN)/litforge validate -c configs/eval/smollm2_wiki.yaml
 	$(BIN)/litforge validate -c configs/demo/barber_wanda_quick.yaml
+	$(BIN)/litforge validate -c configs/demo/aptq_quick.yaml
 
 test: install
 	$(BIN)/python -m pytest

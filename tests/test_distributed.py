@@ -1,4 +1,4 @@
-"""Pruning under DDP (CPU, gloo, 2 processes) through the ``litforge`` CLI (pruning spec §7, §9 test 13).
+"""Pruning and quantization under DDP (CPU, gloo, 2 processes) through the ``litforge`` CLI (pruning spec §7, §9 test 13).
 
 Each case runs the same YAML in subprocesses, once on one process and once with
 ``--trainer.strategy ddp --trainer.devices 2`` (one case also with ``ddp_spawn``), and checks that
@@ -33,7 +33,12 @@ REPO = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT_S = 180  # a hung collective must fail the test, not stall the suite
 EVAL_WINDOWS = 5  # odd: a padding sampler would evaluate one window twice under 2 processes
 
+PRUNING = "callbacks.pruning.callback.Pruning"
+QUANTIZATION = "callbacks.quantization.callback.Quantization"
+REPORTS = {PRUNING: "sparsity_report.json", QUANTIZATION: "quant_report.json"}
 CASES = {
+    "aptq_mixed": {"_class": QUANTIZATION, "method": "aptq", "target_avg_bits": 3.0, "candidate_bits": [2, 4],
+                   "export_format": "hf"},
     "wanda": {"method": "wanda"},
     "wanda_barber": {"method": "wanda", "barber": True, "barber_threshold": 0.3},
     "sparsegpt_barber": {"method": "sparsegpt", "barber": True, "barber_threshold": 0.3,
@@ -47,7 +52,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _config(model_dir: Path, corpus: Path, run_dir: Path, pruning: dict) -> dict:
+def _config(model_dir: Path, corpus: Path, run_dir: Path, case: dict) -> dict:
+    pruning = dict(case)
+    callback = pruning.pop("_class", PRUNING)
     return {
         "seed_everything": 0,
         "trainer": {
@@ -59,7 +66,7 @@ def _config(model_dir: Path, corpus: Path, run_dir: Path, pruning: dict) -> dict
             "enable_progress_bar": False,
             "enable_model_summary": False,
             "callbacks": [
-                {"class_path": "callbacks.pruning.callback.Pruning",
+                {"class_path": callback,
                  "init_args": {**pruning, "progress": False, "export_dir": str(run_dir / "export"),
                                "calibration": {"class_path": "datamodules.text.TextDataModule",
                                                "init_args": {"source": str(corpus), "seqlen": 24, "nsamples": 6,
@@ -103,7 +110,8 @@ def _run(config: dict, run_dir: Path, strategy: str) -> dict:
     assert process.returncode == 0, f"exit {process.returncode}\n{stdout[-4000:]}\n{stderr[-8000:]}"
     probes = {int(p.stem[4:]): json.loads(p.read_text()) for p in (run_dir / "probe").glob("rank*.json")}
     assert sorted(probes) == list(range(devices)), f"probe files: {sorted(probes)}\n{stderr[-4000:]}"
-    report = json.loads((run_dir / "tb" / "version_0" / "sparsity_report.json").read_text())
+    callback = config["trainer"]["callbacks"][0]["class_path"]
+    report = json.loads((run_dir / "tb" / "version_0" / REPORTS[callback]).read_text())
     return {"probes": probes, "report": report, "seconds": seconds, "export": run_dir / "export"}
 
 
@@ -135,10 +143,14 @@ def runs(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("case", "strategy"), [(case, "ddp") for case in CASES] + [("wanda_barber", "ddp_spawn")])
-def test_ddp_pruning_matches_single_process(case, strategy, runs):
+def test_ddp_compression_matches_single_process(case, strategy, runs):
     single, ddp = runs(case, strategy)
     reference = single["probes"][0]
-    assert reference["zeros"] > 0, "the run pruned nothing; the comparison would be vacuous"
+    if CASES[case].get("_class", PRUNING) == PRUNING:
+        assert reference["zeros"] > 0, "the run pruned nothing; the comparison would be vacuous"
+    else:  # the same mixed-precision plan on every rank and in the 1-process run
+        bits = [{r["name"]: r["bits"] for r in run["report"]["modules"]} for run in (single, ddp)]
+        assert bits[0] == bits[1] and set(bits[0].values()) == {2, 4}
     assert reference["report_sha256"] == [reference["weights_sha256"]]
     for rank, probe in ddp["probes"].items():
         assert probe["world_size"] == 2
@@ -164,7 +176,7 @@ def test_ddp_pruning_matches_single_process(case, strategy, runs):
 @pytest.mark.slow
 def test_ddp_perplexity_shards_without_padding_and_matches_single_process(runs):
     """Validation perplexity under DDP equals the 1-process value (spec §5.1: no ``DistributedSampler`` padding)."""
-    single, ddp = runs("wanda")  # the runs of test_ddp_pruning_matches_single_process[wanda-ddp]
+    single, ddp = runs("wanda")  # the runs of test_ddp_compression_matches_single_process[wanda-ddp]
     windows = single["probes"][0]["windows"]
     assert len(windows) == EVAL_WINDOWS
     shards = [ddp["probes"][rank]["windows"] for rank in (0, 1)]
