@@ -1,0 +1,367 @@
+"""GRPOModule: GRPO with a phased token-entropy term for (noisy-label) RLVR (spec ``specs/grpo_phased_entropy.md``).
+
+One training step (spec §2.4): sample G completions per prompt → rewards → group advantages → log-probs and entropy
+of the completion tokens with grad → ``Agg_pg(p + β·k3) − λ(s)·Agg_H(H)`` → optimizer step(s). The maths lives in
+``loss.py`` / ``entropy.py`` / ``rewards.py``; the rollout plumbing in ``rollout.py``; this file only orchestrates.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+from lightning import LightningModule
+from torchmetrics import MeanMetric
+
+from datamodules.assets import check_model_source, resolve_model
+from lit_modules.causal_lm import DTYPES
+from lit_modules.grpo.entropy import EntropySchedule, MaxToMin, schedule_from_config, stage_label
+from lit_modules.grpo.loss import (
+    AdvantageScale,
+    GRPOLossConfig,
+    GRPOLossOutput,
+    check_choice,
+    group_advantages,
+    grpo_loss,
+    reward_metrics,
+    token_stats,
+)
+from lit_modules.grpo.rewards import RewardSet, reward_name, weighted_sum
+from lit_modules.grpo.rollout import (
+    Rollout,
+    completion_logits,
+    decode,
+    eos_token_ids,
+    first_eos_mask,
+    generate,
+    label_metrics,
+    label_scores,
+    repeat_column,
+    reward_columns,
+    tokenize_prompts,
+)
+
+log = logging.getLogger(__name__)
+
+RewardSpec = str | dict[str, Any] | Callable[..., list]
+
+
+def _require(ok: bool, option: str, value: Any, allowed: str) -> None:
+    """Eager validation: a ``ValueError`` naming the option, the bad value and what is allowed."""
+    if not ok:
+        raise ValueError(f"{option}={value!r} is not allowed; allowed: {allowed}.")
+
+
+class GRPOModule(LightningModule):
+    """GRPO policy optimisation of a Hugging Face causal LM with a scheduled token-entropy coefficient λ(s).
+
+    Batches are dicts of per-prompt lists: ``prompt`` (chat-templated text), ``label`` (possibly noisy), optionally
+    ``clean_label`` / ``is_corrupted`` (evaluation only: never passed to rewards) and any other columns, which reward
+    callables receive repeated per completion. ``validation_step`` decodes greedily and logs ``val/clean_acc``.
+
+    Args:
+        model_name_or_path: ``"smollm2-135m-instruct"`` (embedded) or a local HF folder.
+        dtype: weight dtype after loading (the loss maths is fp32 regardless).
+        num_generations: completions per prompt, G >= 2 (a group).
+        temperature, top_p: sampling; log-probs and entropy use the same ``softmax(z/T)`` (spec §2.1).
+        max_new_tokens: completion length limit L_max.
+        loss_type: policy-loss aggregation (spec §1.4).
+        scale_rewards: advantage normalisation by the group std, the batch std, or none (Dr. GRPO).
+        epsilon_low, epsilon_high: clip range ``[1 − ε_low, 1 + ε_high]`` of the importance ratio.
+        beta: k3-KL weight; a frozen reference copy of the policy is created only when ``beta > 0``.
+        num_iterations: optimizer steps (μ) per generated batch; old log-probs are stored only when μ > 1.
+        entropy_schedule: λ(s, S) (``entropy.py``); λ > 0 raises entropy, λ < 0 lowers it. A name or
+            ``{"name": ..., **args}`` also works; ``None`` means λ ≡ 0 (vanilla GRPO).
+        rewards, reward_weights: reward callables (registry names, import paths, dicts or callables) and weights;
+            their weighted sum (None terms skipped) is the reward (spec §3.3, ``sum_then_normalize``).
+        learning_rate, weight_decay: AdamW over the trainable parameters.
+        total_steps: S for the schedule; default ``trainer.max_steps`` if set, else
+            ``trainer.estimated_stepping_batches × num_iterations``. Stored in checkpoints (resume keeps it).
+        entropy_chunk_size: positions per fp32 chunk of the log-prob/entropy maths (memory bound).
+        max_grad_norm: gradient-norm clipping before each optimizer step (None: off).
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = "smollm2-135m-instruct",
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        num_generations: int = 8,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 128,
+        loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo",
+        scale_rewards: Literal["group", "batch", "none"] = "group",
+        epsilon_low: float = 0.2,
+        epsilon_high: float = 0.2,
+        beta: float = 0.0,
+        num_iterations: int = 1,
+        entropy_schedule: EntropySchedule | str | dict[str, Any] | None = MaxToMin(),  # stateless, safe to share
+        rewards: list[RewardSpec] | None = None,
+        reward_weights: list[float] | None = None,
+        learning_rate: float = 1e-6,
+        weight_decay: float = 0.0,
+        total_steps: int | None = None,
+        entropy_chunk_size: int = 128,
+        max_grad_norm: float | None = 1.0,
+    ):
+        super().__init__()
+        check_model_source(model_name_or_path, option="model_name_or_path")
+        _require(dtype in DTYPES, "dtype", dtype, str(sorted(DTYPES)))
+        _require(isinstance(num_generations, int) and num_generations >= 2, "num_generations", num_generations,
+                 "an int >= 2 (group normalisation needs at least two completions per prompt)")  # fmt: skip
+        _require(math.isfinite(temperature) and temperature > 0, "temperature", temperature, "a finite float > 0")
+        _require(0 < top_p <= 1, "top_p", top_p, "a float in (0, 1]")
+        _require(max_new_tokens >= 1, "max_new_tokens", max_new_tokens, "an int >= 1")
+        check_choice("scale_rewards", scale_rewards, AdvantageScale)
+        _require(num_iterations >= 1, "num_iterations", num_iterations, "an int >= 1")
+        _require(learning_rate > 0, "learning_rate", learning_rate, "a float > 0")
+        _require(weight_decay >= 0, "weight_decay", weight_decay, "a float >= 0")
+        _require(total_steps is None or total_steps >= 1, "total_steps", total_steps, "None or an int >= 1")
+        _require(entropy_chunk_size >= 1, "entropy_chunk_size", entropy_chunk_size, "an int >= 1")
+        _require(max_grad_norm is None or max_grad_norm > 0, "max_grad_norm", max_grad_norm, "None or a float > 0")
+        # GRPOLossConfig validates loss_type, epsilon_low/high and beta with the same kind of message.
+        self.loss_config = GRPOLossConfig(loss_type=loss_type, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
+                                          beta=beta, max_completion_length=max_new_tokens)  # fmt: skip
+        try:  # re-raised so that the message starts with the option the user wrote
+            self.entropy_schedule = schedule_from_config(entropy_schedule)
+        except ValueError as err:
+            raise ValueError(f"entropy_schedule={entropy_schedule!r}: {err}") from err
+        try:
+            self.reward_set = RewardSet(["accuracy"] if rewards is None else rewards, reward_weights)
+        except ValueError as err:
+            raise ValueError(f"rewards={rewards!r}, reward_weights={reward_weights!r}: {err}") from err
+        if top_p < 1:
+            warnings.warn(f"top_p={top_p} < 1: sampling no longer follows softmax(z/T), which the loss and entropy "
+                          "assume (spec §2.1).", stacklevel=2)  # fmt: skip
+        # Schedules and callables are not YAML-serialisable: store their names/arguments instead.
+        self.save_hyperparameters(ignore=["entropy_schedule", "rewards"])
+        self.hparams["entropy_schedule"] = self.entropy_schedule.hparams()
+        self.hparams["rewards"] = [r if isinstance(r, (str, dict)) else reward_name(r) for r in rewards or
+                                   ["accuracy"]]  # fmt: skip
+        self.model_name_or_path, self.dtype_name = model_name_or_path, dtype
+        self.num_generations, self.temperature, self.top_p = num_generations, temperature, top_p
+        self.max_new_tokens, self.scale_rewards, self.num_iterations = max_new_tokens, scale_rewards, num_iterations
+        self.learning_rate, self.weight_decay, self.total_steps = learning_rate, weight_decay, total_steps
+        self.entropy_chunk_size, self.max_grad_norm = entropy_chunk_size, max_grad_norm
+        # Manual optimisation (spec §1.4): generation, μ optimizer steps per generated batch and the loss scaling
+        # are ours to control; automatic optimisation allows one step per training_step and would also re-run
+        # training_step (i.e. re-generate) inside the optimizer closure.
+        self.automatic_optimization = False
+        self.model: torch.nn.Module | None = None
+        self.ref_model: torch.nn.Module | None = None
+        self._tokenizer = None
+        self._schedule_total: int | None = None  # S, resolved at train start or restored from a checkpoint
+        self._ckpt_total: int | None = None
+        self._stage: str | None = None
+        self.val_clean_acc = MeanMetric()
+
+    # -- loading -----------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Load the policy (and, for β > 0 only, a frozen reference copy) lazily, after option validation."""
+        if self.model is not None:
+            return
+        from transformers import AutoModelForCausalLM
+
+        folder = resolve_model(self.model_name_or_path, option="model_name_or_path")
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[self.dtype_name])
+        if self.loss_config.beta > 0:
+            # A copy of the freshly loaded weights *is* the reference policy; it sits in the state dict so that a
+            # resumed run compares against the same reference without re-deriving it.
+            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+
+    @property
+    def tokenizer(self):
+        """The model folder's tokenizer, left-padding, with EOS as pad token when it defines none."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(resolve_model(self.model_name_or_path))
+            tok.padding_side = "left"
+            if tok.pad_token is None:
+                tok.pad_token = tok.eos_token
+            self._tokenizer = tok
+        return self._tokenizer
+
+    def on_fit_start(self) -> None:
+        # transformers 5 loads models in eval mode, and Lightning restores each submodule's own mode rather than
+        # forcing train(): switch the policy explicitly (the reference copy stays in eval mode on purpose).
+        self.model.train()
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
+
+    # -- schedule: λ is a pure function of (trainer.global_step, S) ----------------------------------
+    def on_train_start(self) -> None:
+        """Resolve S once (after any checkpoint restore, so a resumed run can keep the checkpointed value)."""
+        resolved = self._resolve_total_steps()
+        if self._ckpt_total is not None and self._ckpt_total != resolved:
+            if self.total_steps is None:
+                warnings.warn(f"total_steps resolves to {resolved} but the checkpoint was scheduled for "
+                              f"{self._ckpt_total}; keeping {self._ckpt_total} (pass total_steps to override).")
+                resolved = self._ckpt_total
+        self._schedule_total = resolved
+
+    def _resolve_total_steps(self) -> int:
+        if self.total_steps is not None:
+            return self.total_steps
+        if self.trainer.max_steps > 0:
+            return self.trainer.max_steps
+        batches = self.trainer.estimated_stepping_batches
+        if not math.isfinite(batches):
+            raise ValueError("total_steps=None cannot be resolved for an unsized dataloader without "
+                             "trainer.max_steps; allowed: pass total_steps or set trainer.max_steps.")
+        return int(batches) * self.num_iterations  # manual optimisation: μ optimizer steps per batch
+
+    def entropy_coef(self) -> float:
+        """λ(s) at the current ``trainer.global_step`` (optimizer steps taken so far)."""
+        return self.entropy_schedule(self.trainer.global_step, self._schedule_total)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store S and s_sw: a resumed run keeps the schedule it started with (spec §2.3 resume contract)."""
+        total = self._schedule_total
+        switch = None if total is None else self.entropy_schedule.switch_step(total)
+        checkpoint["grpo_schedule"] = {"total_steps": total, "switch_step": switch}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._ckpt_total = (checkpoint.get("grpo_schedule") or {}).get("total_steps")
+
+    # -- one training step ---------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        rollout = self.sample(batch["prompt"], do_sample=True, repeats=self.num_generations)
+        columns = self._reward_columns(batch, rollout)
+        old_logp = None
+        if self.num_iterations > 1 or self.reward_set.needs_model_stats:
+            old_logp = self._model_stats(rollout, columns)
+        ref_logp = self._ref_logp(rollout) if self.loss_config.beta > 0 else None
+        scores = self.reward_set.scores(list(repeat_column(batch["prompt"], self.num_generations)),
+                                        rollout.completions, **columns)  # fmt: skip
+        rewards = weighted_sum(scores, self.reward_set.weights)
+        advantages = group_advantages(rewards, self.num_generations, self.scale_rewards).to(self.device)
+        first_coef, outputs = self.entropy_coef(), []
+        for _ in range(self.num_iterations):
+            outputs.append(self._optimizer_step(rollout, advantages, old_logp, ref_logp))
+        self._log_step(batch, rollout, rewards, scores, outputs, first_coef)
+
+    def sample(self, prompts: Sequence[str], *, do_sample: bool, repeats: int) -> Rollout:
+        """Tokenise (left-padded), expand each prompt ``repeats`` times, generate and mask the completions."""
+        ids, mask = tokenize_prompts(self.tokenizer, prompts, self.device)
+        ids, mask = ids.repeat_interleave(repeats, dim=0), mask.repeat_interleave(repeats, dim=0)
+        eos = eos_token_ids(self.model, self.tokenizer)
+        completion_ids = generate(self.model, ids, mask, eos=eos, pad=self.tokenizer.pad_token_id,
+                                  max_new_tokens=self.max_new_tokens, do_sample=do_sample,
+                                  temperature=self.temperature, top_p=self.top_p)  # fmt: skip
+        completion_mask, truncated = first_eos_mask(completion_ids, eos)
+        texts = decode(self.tokenizer, completion_ids, completion_mask)
+        return Rollout(ids, mask, completion_ids, completion_mask, texts, truncated)
+
+    def _reward_columns(self, batch: dict[str, Any], rollout: Rollout) -> dict[str, Any]:
+        """Dataset columns repeated per completion, minus the eval-only ones, plus the module's columns (§3.1)."""
+        # ``prompt`` is left out: rewards receive the prompts as their first positional argument.
+        columns = {k: repeat_column(v, self.num_generations) for k, v in reward_columns(batch).items()
+                   if k != "prompt"}  # fmt: skip
+        n = rollout.completion_ids.shape[0]
+        columns.update(group_ids=[i // self.num_generations for i in range(n)],
+                       completion_ids=rollout.completion_ids.cpu(), completion_mask=rollout.completion_mask.cpu(),
+                       global_step=self.trainer.global_step)  # fmt: skip
+        return columns
+
+    def token_stats(self, model: torch.nn.Module, rollout: Rollout, *, entropy: bool = True,
+                    entropy_grad: bool = True, self_certainty: bool = False):  # fmt: skip
+        """Per-token ℓ/H (/SC) of the rollout's completion tokens under ``model`` (temperature-scaled logits)."""
+        logits = completion_logits(model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
+                                   rollout.completion_mask)  # fmt: skip
+        return token_stats(logits, rollout.completion_ids, rollout.completion_mask, self.temperature,
+                           entropy=entropy, entropy_grad=entropy_grad, self_certainty=self_certainty,
+                           chunk_size=self.entropy_chunk_size)  # fmt: skip
+
+    @torch.no_grad()
+    def _model_stats(self, rollout: Rollout, columns: dict[str, Any]) -> torch.Tensor | None:
+        """ℓ_old before the update (kept only for μ > 1); adds the CPU per-token stats rewards may ask for."""
+        stats = self.token_stats(self.model, rollout, entropy=self.reward_set.needs_model_stats,
+                                 self_certainty=self.reward_set.needs_model_stats)  # fmt: skip
+        if self.reward_set.needs_model_stats:
+            columns.update(token_logp=stats.logp.cpu(), token_entropy=stats.entropy.cpu(),
+                           token_self_certainty=stats.self_certainty.cpu())  # fmt: skip
+        return stats.logp if self.num_iterations > 1 else None
+
+    @torch.no_grad()
+    def _ref_logp(self, rollout: Rollout) -> torch.Tensor:
+        self.ref_model.eval()  # Lightning's .train() on the module reaches the reference copy too
+        return self.token_stats(self.ref_model, rollout, entropy=False).logp
+
+    def compute_loss(self, rollout: Rollout, advantages: torch.Tensor, entropy_coef: float, *,
+                     old_logp: torch.Tensor | None = None, ref_logp: torch.Tensor | None = None,
+                     tokens_per_rank: float | None = None) -> GRPOLossOutput:  # fmt: skip
+        """The policy's loss on a rollout; entropy carries gradient only when λ ≠ 0 (else it is only logged)."""
+        stats = self.token_stats(self.model, rollout, entropy_grad=entropy_coef != 0)
+        return grpo_loss(stats.logp, rollout.completion_mask, advantages, self.loss_config, old_logp=old_logp,
+                         ref_logp=ref_logp, entropy=stats.entropy, entropy_coef=entropy_coef,
+                         tokens_per_rank=tokens_per_rank)  # fmt: skip
+
+    def _optimizer_step(self, rollout: Rollout, advantages: torch.Tensor, old_logp, ref_logp) -> GRPOLossOutput:
+        """One update: λ read at this step's global_step, backward, clip, step."""
+        coef = self.entropy_coef()
+        self._announce_stage(coef)
+        out = self.compute_loss(rollout, advantages, coef, old_logp=old_logp, ref_logp=ref_logp,
+                                tokens_per_rank=self._dapo_tokens_per_rank(rollout))  # fmt: skip
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(out.loss)
+        if self.max_grad_norm is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+        optimizer.step()
+        return out
+
+    def _dapo_tokens_per_rank(self, rollout: Rollout) -> float | None:
+        """``dapo`` divides by the step's global token count / W (one all-reduce); other types need nothing."""
+        world = self.trainer.world_size
+        if self.loss_config.loss_type != "dapo" or world == 1:
+            return None
+        local = rollout.completion_mask.sum().to(torch.float32)
+        return float(self.trainer.strategy.reduce(local, reduce_op="sum")) / world
+
+    def _announce_stage(self, coef: float) -> None:
+        """Log a line whenever the active phase changes (explore / exploit / off)."""
+        stage = stage_label(coef)
+        if stage != self._stage:
+            log.info("step %d: entropy coefficient %.3g, %s", self.trainer.global_step, coef, stage)
+            self._stage = stage
+
+    # -- metrics -------------------------------------------------------------------------------------
+    def _log_step(self, batch, rollout: Rollout, rewards, scores, outputs: list[GRPOLossOutput],
+                  first_coef: float) -> None:  # fmt: skip
+        """TRL-named ``train/`` metrics; loss metrics are averaged over the μ updates, λ is the first update's."""
+        metrics: dict[str, float] = {k: float(v) for k, v in reward_metrics(rewards, self.num_generations).items()}
+        for name, row in zip(self.reward_set.names, scores):
+            metrics[f"rewards/{name}/mean"] = float(row.nanmean())
+            metrics[f"rewards/{name}/std"] = float(row[~row.isnan()].std()) if (~row.isnan()).sum() > 1 else 0.0
+        lengths = rollout.completion_mask.sum(dim=1).float()
+        metrics.update({"completion_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
+                        "completions/max_length": float(lengths.max()),
+                        "completions/clipped_ratio": float(rollout.truncated.float().mean())})  # fmt: skip
+        for key in outputs[0].metrics:
+            if key not in ("num_tokens", "entropy_coef"):
+                metrics[key] = sum(float(o.metrics[key]) for o in outputs) / len(outputs)
+        metrics["policy_loss"] = sum(float(o.policy_loss) for o in outputs) / len(outputs)
+        metrics["entropy_loss"] = sum(float(o.entropy_loss) for o in outputs) / len(outputs)
+        metrics["entropy_coef"] = first_coef
+        metrics.update(label_metrics(rollout.completions, batch, self.num_generations))
+        # No sync_dist: per-step collectives would stall every rank; loggers record rank 0's values.
+        self.log_dict({f"train/{k}": v for k, v in metrics.items() if math.isfinite(v)}, on_step=True,
+                      on_epoch=False, batch_size=len(batch["prompt"]))  # fmt: skip
+
+    # -- validation: greedy decoding scored against clean labels ------------------------------------------
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        rollout = self.sample(batch["prompt"], do_sample=False, repeats=1)
+        labels = batch["clean_label"] if "clean_label" in batch else batch["label"]
+        scores = [s for s in label_scores(rollout.completions, labels) if s is not None]
+        if scores:
+            self.val_clean_acc.update(torch.tensor(scores, device=self.device))
+        # A torchmetrics object syncs once when computed at epoch end: no collective per batch.
+        self.log("val/clean_acc", self.val_clean_acc, on_step=False, on_epoch=True, batch_size=max(len(scores), 1))
