@@ -205,3 +205,177 @@ def test_forward_seconds_runs_each_window_once_at_batch_one_without_grad():
     model = Recorder().train()
     seconds = forward_seconds(model, torch.zeros(3, 5, dtype=torch.long))
     assert seconds >= 0 and model.calls == [((1, 5), False, False)] * 3 and model.training
+
+
+# -- quantization ----------------------------------------------------------------------------------
+QUANT_META = {**META, "command": "python benchmarks/quantization.py --out q.json",
+              "settings": {"nsamples": 16, "calib_seqlen": 512, "eval_windows": 32}}
+GRID = {"symmetric": False, "mse": False, "act_order": True, "static_groups": True, "true_sequential": True}
+
+
+def qrow(method, ppl, bits=None, group_size=-1, target=None, candidates=None, avg=None, allocation=None,
+         attention_aware=None, run=None):
+    dense = method == "dense"
+    mixed = target is not None
+    return {"run": run or f"{method}-{bits or target}-{group_size}", "mode": "full", "method": method,
+            "bits": bits, "avg_bits": None if dense else (avg if mixed else float(bits)), "target_avg_bits": target,
+            "candidate_bits": candidates, "group_size": None if dense else group_size,
+            "allocation": (allocation or "sensitivity") if mixed else None,
+            "attention_aware": (True if attention_aware is None else attention_aware) if method == "aptq" else None,
+            "ppl": ppl, "seconds": 0.0 if dense else 56.78, "peak_rss_mb": 1500.2, "forward_seconds": 2.345,
+            "config": None if dense else {"method": method, **GRID}}
+
+
+QROWS = [qrow("aptq", 30.0, target=3.5, candidates=[2, 4], avg=3.4987, run="aptq-avg3.5"),
+         qrow("gptq", 25.0, bits=3, group_size=64), qrow("rtn", 90.0, bits=3),
+         qrow("aptq", 35.0, target=3.5, candidates=[2, 4], avg=3.49, attention_aware=False),
+         qrow("gptq", 40.0, target=3.5, candidates=[2, 4], avg=3.3333, allocation="by_type"),
+         qrow("dense", 13.29), qrow("gptq", 16.0, bits=4), qrow("aptq", 28.0, bits=3),
+         qrow("aptq", 50.0, target=3.0, candidates=[2, 3, 4], avg=3.0), qrow("gptq", 29.0, bits=3)]
+
+QUANT_README = """# project
+
+<!-- table:quantization -->
+stale
+<!-- /table:quantization -->
+"""
+
+
+def quant_table_lines(tmp_path, rows, meta=QUANT_META):
+    results, readme = tmp_path / "quantization.json", tmp_path / "README.md"
+    write_results(results, rows, meta)
+    readme.write_text(QUANT_README)
+    code = render_readme.main(["--readme", str(readme), "--results", f"quantization={results}"])
+    body = readme.read_text().split("<!-- table:quantization -->\n")[1].split("\n<!-- /table:quantization -->")[0]
+    return code, body.strip().splitlines()
+
+
+def test_quantization_table_formats_sorts_and_captions(tmp_path):
+    code, lines = quant_table_lines(tmp_path, QROWS)
+    assert code == 0
+    assert lines[0] == ("| method | bits | group size | allocation | ppl | compression s | peak RSS MB | "
+                        "forward s |")
+    table = [line.split(" | ") for line in lines[2:2 + len(QROWS)]]
+    assert lines[2] == "| dense | — | — | — | 13.29 | — | 1500 | 2.35 |"
+    assert lines[3] == "| gptq | 4 | per channel | uniform | 16.00 | 56.8 | 1500 | 2.35 |"
+    # Uniform widths (widest first, per channel before groups, RTN/GPTQ/APTQ), then the mixed budgets
+    # (largest first), each APTQ row followed by its ablations; the target shows where the average misses it.
+    assert [(cells[0].lstrip("| "), cells[1], cells[2]) for cells in table[2:]] == [
+        ("rtn", "3", "per channel"), ("gptq", "3", "per channel"), ("aptq", "3", "per channel"),
+        ("gptq", "3", "64"), ("aptq", "avg 3.50 of {2,4}", "per channel"),
+        ("gptq", "avg 3.33 of {2,4} (target 3.5)", "per channel"),
+        ("aptq", "avg 3.49 of {2,4} (target 3.5)", "per channel"), ("aptq", "avg 3.00 of {2,3,4}", "per channel")]
+    assert [cells[3] for cells in table[6:9]] == ["sensitivity", "by module type (ablation)",
+                                                  "sensitivity, plain q/k/v Hessians (ablation)"]
+    caption = lines[-1]
+    assert caption.startswith("_Mode full: smollm2-135m-instruct, calibration 16 × 512 tokens (uniform RTN uses "
+                              "none), evaluation 32 windows of 512 (wiki-leads); dense = the shipped Q4_1")
+    assert "asymmetric min-max quantizer (GPTQ/APTQ: act-order, static-groups, true-sequential)" in caption
+    assert "2025-01-02" in caption and "`python benchmarks/quantization.py --out q.json`" in caption
+
+
+def test_quantization_caption_names_the_grid_the_rows_share():
+    rtn = {**qrow("rtn", 2.0, bits=3), "config": {"method": "rtn", **GRID, "act_order": False}}
+    rows = [qrow("gptq", 1.0, bits=3), rtn]
+    assert render_readme.grid_note(rows) == ("asymmetric min-max quantizer "
+                                             "(GPTQ/APTQ: act-order, static-groups, true-sequential)")
+    rows[0]["config"] = {**GRID, "symmetric": True, "act_order": False}
+    assert render_readme.grid_note(rows) == ("symmetric/asymmetric min-max quantizer "
+                                             "(GPTQ/APTQ: static-groups, true-sequential)")
+    assert render_readme.grid_note([qrow("dense", 1.0)]) == "asymmetric min-max quantizer"  # the defaults
+
+
+def test_quantization_caption_gives_the_threads_the_rows_ran_with(tmp_path):
+    rows = [{**qrow("dense", 13.0), "threads": 1}, {**qrow("gptq", 20.0, bits=3), "threads": 1}]
+    assert "2 CPUs, 1 threads, torch 2.13.0" in quant_table_lines(tmp_path, rows)[1][-1]
+    rows[1]["threads"] = 2  # one run re-measured with another --threads
+    assert "2 CPUs, 1/2 threads" in quant_table_lines(tmp_path, rows)[1][-1]
+    assert "2 CPUs, 2 threads" in quant_table_lines(tmp_path, QROWS)[1][-1]  # rows without it: the header's
+
+
+def test_missing_quantization_results_render_a_note_naming_the_producer(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(QUANT_README)
+    code = render_readme.main(["--readme", str(readme), "--results", f"quantization={tmp_path / 'absent.json'}"])
+    assert code == 0 and "_No results yet: run `python benchmarks/quantization.py --out" in readme.read_text()
+
+
+def test_the_readme_has_the_quantization_table_after_the_pruning_one():
+    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    render_readme.check_markers(text)
+    pruning, quantization = text.index("<!-- table:pruning -->"), text.index("<!-- table:quantization -->")
+    heading = text.index("## Results: quantizing SmolLM2-135M")
+    assert pruning < heading < quantization
+    assert "\n## " not in text[text.index("<!-- /table:pruning -->"):heading]  # right after the pruning section
+
+
+def _config_callback(path):
+    yaml = pytest.importorskip("yaml")
+    config = yaml.safe_load(path.read_text())
+    callback = dict(config["trainer"]["callbacks"][0]["init_args"])
+    return config, callback, callback.pop("calibration")["init_args"]
+
+
+def test_full_quantization_runs_match_the_shipped_configs():
+    from benchmarks import quantization
+
+    specs = quantization.run_specs()
+    # dense; rtn/gptq/aptq × (w4, w3, w3 g64); aptq at 2 budgets; 2 ablations at each budget.
+    assert len(specs) == 1 + 3 * 3 + 2 + 2 * 2 and set(quantization.MODES["quick"].runs) <= set(specs)
+    full = quantization.MODES["full"]
+    configs = sorted((REPO_ROOT / "configs" / "quant").glob("*_smollm2_*.yaml"))
+    # The export config writes a symmetric g64 checkpoint; no table row corresponds to it.
+    configs = [p for p in configs if not p.stem.endswith("_export")]
+    assert len(configs) == 11
+    for path in configs:
+        config, callback, calibration = _config_callback(path)
+        method, _, suffix = path.stem.partition("_smollm2_")
+        spec = specs[f"{method}-{suffix.replace('_', '-')}"]
+        assert spec.method == method and spec.callback_kwargs == callback, path.name
+        # Same window length and options; the table calibrates and evaluates on fewer windows than the configs
+        # (see MODES["full"]), which its caption states.
+        assert calibration["seqlen"] == full.calib_seqlen and calibration["nsamples"] >= full.nsamples, path.name
+        assert calibration["seed"] == 0 and config["data"]["init_args"]["seqlen"] == quantization.EVAL_SEQLEN
+        assert config["data"]["init_args"]["max_windows"] >= full.eval_windows, path.name
+    # The ablations change exactly one option of the APTQ run at the same budget.
+    for budget in quantization.MIXED:
+        aptq = specs[f"aptq-{budget}"].callback_kwargs
+        assert specs[f"aptq-noattn-{budget}"].callback_kwargs == {**aptq, "attention_aware": False}
+        assert specs[f"gptq-bytype-{budget}"].callback_kwargs == {**aptq, "method": "gptq", "allocation": "by_type"}
+
+
+def test_quantization_run_rows_record_uniform_and_mixed_settings():
+    from benchmarks import quantization
+
+    specs = quantization.run_specs()
+    report = {"summary": {"avg_bits": 3.47}}
+    assert quantization.quant_fields(specs["dense"], None) == {
+        "bits": None, "avg_bits": None, "target_avg_bits": None, "candidate_bits": None, "group_size": None,
+        "allocation": None, "attention_aware": None}
+    assert quantization.quant_fields(specs["rtn-w3-g64"], {"summary": {"avg_bits": 3.0}}) == {
+        "bits": 3, "avg_bits": 3.0, "target_avg_bits": None, "candidate_bits": None, "group_size": 64,
+        "allocation": None, "attention_aware": None}
+    assert quantization.quant_fields(specs["aptq-noattn-avg3.5"], report) == {
+        "bits": None, "avg_bits": 3.47, "target_avg_bits": 3.5, "candidate_bits": [2, 4], "group_size": -1,
+        "allocation": "sensitivity", "attention_aware": False}
+    assert quantization.quant_fields(specs["gptq-bytype-avg3.0"], report)["allocation"] == "by_type"
+    modules = [{"name": "model.layers.0.self_attn.q_proj", "bits": 4, "params": 3},
+               {"name": "model.layers.1.self_attn.q_proj", "bits": 2, "params": 1},
+               {"name": "model.layers.0.mlp.down_proj", "bits": 2, "params": 8}]
+    assert quantization.bits_by_type(modules) == {"q_proj": 3.5, "down_proj": 2.0}
+
+
+def test_unknown_quantization_runs_are_refused_and_modes_are_not_mixed(tmp_path, monkeypatch):
+    from benchmarks import quantization
+
+    monkeypatch.setattr(quantization, "run_child", lambda *args: pytest.fail("a run started"))
+    monkeypatch.setattr(quantization, "set_threads", lambda threads: None)  # keep this process's torch threads
+
+    with pytest.raises(SystemExit, match="unknown run"):
+        quantization.selected_runs("full", ["gptq-w5"])
+    with pytest.raises(SystemExit):
+        quantization.parse_args(["--out", "q.json", "--threads", "0"])
+    path = tmp_path / "q.json"
+    write_results(path, [qrow("dense", 1.0)], {"mode": "quick", "date": "d1", "command": "first"})
+    with pytest.raises(SystemExit, match="cannot merge"):
+        quantization.drive(path, "full", ["dense"])

@@ -1,0 +1,258 @@
+"""Quantization benchmark: SmolLM2-135M-Instruct quantized by RTN, GPTQ and APTQ, perplexity on wiki-leads.
+
+    python benchmarks/quantization.py --out benchmarks/results/quantization.json                 # full: 16 runs
+    python benchmarks/quantization.py --quick --out benchmarks/results/quantization_quick.json   # 3 runs, < 10 min
+    python benchmarks/quantization.py --out benchmarks/results/quantization.json --runs aptq-avg3.5   # re-measure
+
+Same design as benchmarks/pruning.py: every run is a fresh child process (this script with ``--single``), so
+its peak RSS is its own; rows are written after each run; ``--runs`` merges into an existing file of the same
+mode. ``python benchmarks/render_readme.py`` turns the full file into the README table.
+
+The model ships as a Q4_1 GGUF (4-bit codes per block of 32 inputs; quantization spec §7), so "dense" is those
+weights dequantized, and 4-bit group-32 would be grid-aligned: no run uses it. Weights are fake-quantized (the
+dequantized values replace the originals), so ``forward_seconds`` shows that evaluation gets no speed-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+# Run as a script, Python puts benchmarks/ (not the repository) on sys.path; the sibling module needs the latter.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (  # noqa: E402
+    Timer, forward_seconds, metadata, now_iso, peak_rss_mb, write_results)
+from benchmarks.pruning import merged_meta  # noqa: E402  (same --runs merge rules: keep the first command, one mode)
+
+MODEL = "smollm2-135m-instruct"
+EVAL_SEQLEN = 512
+METHODS = ("rtn", "gptq", "aptq")
+# Uniform widths: 4 and 3 bits per output channel, and 3 bits with groups of 64 inputs (128 does not divide
+# SmolLM2's 576; 32 would sit on the shipped Q4_1 grid).
+UNIFORM: dict[str, dict[str, Any]] = {
+    "w4": {"bits": 4},
+    "w3": {"bits": 3},
+    "w3-g64": {"bits": 3, "group_size": 64},
+}
+# Mixed precision: the average-bit budget and the widths the plan may use (APTQ's paper palette is {2, 4}).
+MIXED: dict[str, dict[str, Any]] = {
+    "avg3.5": {"target_avg_bits": 3.5, "candidate_bits": [2, 4]},
+    "avg3.0": {"target_avg_bits": 3.0, "candidate_bits": [2, 3, 4]},
+}
+# The two ablations of APTQ's mixed precision, at the same budgets: GPTQ Hessians with one width per module
+# type (the "uniform by type" allocation), and APTQ's allocation without the attention-aware q/k/v Hessian.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "gptq-bytype": {"method": "gptq", "allocation": "by_type"},
+    "aptq-noattn": {"method": "aptq", "attention_aware": False},
+}
+
+
+# torch threads per run. GPTQ updates a block of columns once per column: about 150,000 small parallel ops for
+# this model. On the project's 2 shared CPU cores (other jobs running), 2 threads made them wait on each other:
+# the quick benchmark took 1,433 s at 2 threads and 162 s at 1 (GPTQ 713 s -> 41 s, and even a plain forward
+# 11-35 s -> 2 s). ``--threads 2`` may pay off on a machine the benchmark has to itself; the caption states it.
+THREADS = 1
+
+
+@dataclass(frozen=True)
+class Settings:
+    nsamples: int
+    calib_seqlen: int
+    eval_windows: int
+    runs: tuple[str, ...] | None  # None: every run
+
+
+MODES = {
+    # The README table, at the pruning table's sizes: 16 calibration windows of 512 tokens and 32 evaluation
+    # windows of 512 (16,384 tokens). The configs in configs/quant/ calibrate on 64 windows and evaluate on 64;
+    # the smaller sizes keep the 16 runs (APTQ: two calibration passes and probe backward passes per layer)
+    # to about 75 minutes on 2 shared CPU cores (estimate below), and make both tables comparable.
+    "full": Settings(nsamples=16, calib_seqlen=512, eval_windows=32, runs=None),
+    # For checking the script, not for the README: 130-160 s on the 2 shared CPU cores at 1 thread (limit: 10 min).
+    # Measured on that machine, a full run takes 276 s for gptq-w3 and 427 s for aptq-avg3.5; about 75 min in all.
+    "quick": Settings(nsamples=4, calib_seqlen=128, eval_windows=4, runs=("dense", "gptq-w3", "aptq-avg3.5")),
+}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    method: str  # "dense" or one of METHODS
+    callback_kwargs: dict[str, Any] | None  # Quantization(**kwargs); None for dense
+
+
+def run_specs() -> dict[str, RunSpec]:
+    """Every run by name: ``dense``, ``<method>-<w4|w3|w3-g64>``, ``aptq-<avg3.5|avg3.0>`` and the ablations
+    ``gptq-bytype-<avg>`` / ``aptq-noattn-<avg>``."""
+    specs = {"dense": RunSpec("dense", None)}
+    for setting, kwargs in UNIFORM.items():
+        for method in METHODS:
+            specs[f"{method}-{setting}"] = RunSpec(method, {"method": method, **kwargs})
+    for budget, kwargs in MIXED.items():
+        specs[f"aptq-{budget}"] = RunSpec("aptq", {"method": "aptq", **kwargs})
+    for budget, kwargs in MIXED.items():
+        for ablation, options in ABLATIONS.items():
+            specs[f"{ablation}-{budget}"] = RunSpec(options["method"], {**options, **kwargs})
+    return specs
+
+
+# -- one run (in the child process) ----------------------------------------------------------------
+def measure(name: str, mode: str) -> dict[str, Any]:
+    """Load the model, quantize it through ``Trainer.validate`` and measure; returns one result row."""
+    import torch
+    from lightning import Trainer
+
+    from callbacks.quantization.callback import Quantization
+    from datamodules.text import TextDataModule
+    from lit_modules.causal_lm import CausalLM
+
+    spec, settings = run_specs()[name], MODES[mode]
+    calibration = TextDataModule(source="wiki-leads", split="calibration", tokenizer=MODEL,
+                                 seqlen=settings.calib_seqlen, nsamples=settings.nsamples, seed=0)
+    data = TextDataModule(source="wiki-leads", split="evaluation", tokenizer=MODEL, seqlen=EVAL_SEQLEN,
+                          max_windows=settings.eval_windows)
+    callbacks = [] if spec.callback_kwargs is None else [
+        Quantization(**spec.callback_kwargs, calibration=calibration, progress=False)]
+    module = CausalLM(MODEL)
+    with tempfile.TemporaryDirectory() as root, Timer() as wall:
+        trainer = Trainer(accelerator="auto", devices=1, logger=False, enable_progress_bar=False,
+                          enable_model_summary=False, callbacks=callbacks, default_root_dir=root)
+        metrics = trainer.validate(module, datamodule=data, verbose=False)[0]
+        calibration.setup("calibrate")  # dense and uniform RTN do not calibrate; a no-op otherwise
+        forward = forward_seconds(module.model, calibration.calibration_windows())
+    report = callbacks[0].report if callbacks else None
+    return {"run": name, "mode": mode, "method": spec.method, **quant_fields(spec, report),
+            "ppl": metrics["val/ppl"], "seconds": report["seconds"] if report else 0.0,
+            "peak_rss_mb": peak_rss_mb(), "forward_seconds": forward, "wall_seconds": wall.seconds,
+            "threads": torch.get_num_threads(),
+            "calibrated": bool(report and report["calibration"]),
+            "calib_nsamples": settings.nsamples, "calib_seqlen": settings.calib_seqlen,
+            "eval_windows": len(data.eval_windows()), "eval_seqlen": EVAL_SEQLEN,
+            "summary": report["summary"] if report else None,
+            "bits_by_type": bits_by_type(report["modules"]) if report else None,
+            "config": report["config"] if report else None, "date": now_iso()}
+
+
+def quant_fields(spec: RunSpec, report: dict[str, Any] | None) -> dict[str, Any]:
+    """The row's quantization settings: ``bits`` for a uniform run, ``avg_bits`` (achieved) for every quantized
+    one, and the mixed-precision options only where they apply (``None`` otherwise)."""
+    kwargs = spec.callback_kwargs
+    if kwargs is None:
+        return {"bits": None, "avg_bits": None, "target_avg_bits": None, "candidate_bits": None,
+                "group_size": None, "allocation": None, "attention_aware": None}
+    mixed = kwargs.get("target_avg_bits") is not None
+    return {"bits": None if mixed else kwargs.get("bits", 4),
+            "avg_bits": report["summary"]["avg_bits"] if report else None,
+            "target_avg_bits": kwargs.get("target_avg_bits"),
+            "candidate_bits": sorted(kwargs["candidate_bits"]) if mixed else None,
+            "group_size": kwargs.get("group_size", -1),
+            "allocation": kwargs.get("allocation", "sensitivity") if mixed else None,
+            "attention_aware": kwargs.get("attention_aware", True) if spec.method == "aptq" else None}
+
+
+def bits_by_type(modules: list[dict[str, Any]]) -> dict[str, float]:
+    """Parameter-weighted average width per module type (``q_proj``, ..., ``down_proj``) over all layers."""
+    totals: dict[str, list[float]] = {}
+    for record in modules:
+        kind = record["name"].rpartition(".")[2]
+        bits_params = totals.setdefault(kind, [0.0, 0.0])
+        bits_params[0] += record["bits"] * record["params"]
+        bits_params[1] += record["params"]
+    return {kind: b / max(n, 1) for kind, (b, n) in totals.items()}
+
+
+# -- the driver (in the parent process) ------------------------------------------------------------
+def set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def run_child(name: str, mode: str, threads: int = THREADS) -> dict[str, Any]:
+    """Measure one run in a fresh interpreter; its output is shown only if it fails."""
+    with tempfile.TemporaryDirectory() as tmp:
+        row_file = Path(tmp) / "row.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--single", name, "--mode", mode,
+               "--row-file", str(row_file), "--threads", str(threads)]
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+        if done.returncode != 0:
+            raise RuntimeError(f"run {name!r} failed (exit {done.returncode}):\n{done.stdout[-4000:]}")
+        return json.loads(row_file.read_text(encoding="utf-8"))
+
+
+def selected_runs(mode: str, requested: list[str] | None) -> list[str]:
+    specs = run_specs()
+    names = requested or list(MODES[mode].runs or specs)
+    unknown = [n for n in names if n not in specs]
+    if unknown:
+        raise SystemExit(f"--runs: unknown run(s) {unknown}; allowed: {list(specs)}")
+    return names
+
+
+def drive(out: Path, mode: str, requested: list[str] | None, threads: int = THREADS) -> int:
+    names = selected_runs(mode, requested)
+    set_threads(threads)  # before metadata(), which records the thread count the runs use
+    merge = requested is not None  # a subset updates the file; the whole set replaces it
+    meta = metadata(benchmark="quantization", mode=mode, model=MODEL, eval_seqlen=EVAL_SEQLEN,
+                    settings={k: v for k, v in asdict(MODES[mode]).items() if k != "runs"})
+    if merge:
+        meta = merged_meta(out, meta)
+    rows, failures = [], 0
+    with Timer() as total:
+        for i, name in enumerate(names, 1):
+            try:
+                row = run_child(name, mode, threads)
+            except RuntimeError as error:
+                failures += 1
+                print(f"[{i}/{len(names)}] {error}", file=sys.stderr, flush=True)
+                continue
+            rows.append(row)
+            write_results(out, rows, meta, merge_key=("run",) if merge else None)
+            bits = "dense" if row["avg_bits"] is None else f"avg bits {row['avg_bits']:.2f}"
+            print(f"[{i}/{len(names)}] {name}: ppl {row['ppl']:.2f}, {bits}, "
+                  f"compression {row['seconds']:.1f} s, peak RSS {row['peak_rss_mb']:.0f} MB, "
+                  f"run {row['wall_seconds']:.0f} s", file=sys.stderr, flush=True)
+    print(f"{len(rows)} run(s) in {total.seconds:.0f} s -> {out}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small settings and 3 runs, to check the script")
+    parser.add_argument("--out", type=Path, help="result JSON file")
+    parser.add_argument("--runs", nargs="+", metavar="NAME", help=f"only these runs (merged into --out): "
+                        f"{', '.join(run_specs())}")
+    parser.add_argument("--threads", type=int, default=THREADS, metavar="N",
+                        help=f"torch threads per run (default {THREADS}; see THREADS)")
+    # Internal: what the driver passes to each child process.
+    parser.add_argument("--single", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=sorted(MODES), help=argparse.SUPPRESS)
+    parser.add_argument("--row-file", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.single is None and args.out is None:
+        parser.error("--out is required")
+    if args.threads < 1:
+        parser.error(f"--threads {args.threads}: allowed: a positive int")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.single is not None:
+        set_threads(args.threads)
+        row = measure(args.single, args.mode or "full")
+        args.row_file.write_text(json.dumps(row, default=str), encoding="utf-8")
+        return 0
+    return drive(args.out, "quick" if args.quick else "full", args.runs, args.threads)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
