@@ -50,6 +50,9 @@ MODES = {
     # the 16 runs at that size take about 5 hours (LLM-Barber: one backward pass per sample and block), so
     # the table uses 16 calibration windows of 512 and 32 evaluation windows of 512 (16,384 tokens).
     "full": Settings(nsamples=16, calib_seqlen=512, eval_windows=32, runs=None),
+    # The acceptance protocol of the pruning issue: 50% unstructured, 128 x 512 calibration tokens.
+    "calib128": Settings(nsamples=128, calib_seqlen=512, eval_windows=32,
+                         runs=("dense", "magnitude-unstructured", "wanda-unstructured", "barber_wanda-unstructured")),
     # For checking the script, not for the README; sized to stay inside 10 minutes on 2 (shared) CPU cores.
     # LLM-Barber's per-sample backward passes cost about the same for short windows, so nsamples is the lever.
     "quick": Settings(nsamples=4, calib_seqlen=128, eval_windows=4,
@@ -197,7 +200,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"{', '.join(run_specs())}")
     # Internal: what the driver passes to each child process.
     parser.add_argument("--single", help=argparse.SUPPRESS)
-    parser.add_argument("--mode", choices=sorted(MODES), help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=sorted(MODES), help="settings (default full; --quick = quick)")
     parser.add_argument("--row-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.single is None and args.out is None:
@@ -211,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         row = measure(args.single, args.mode or "full")
         args.row_file.write_text(json.dumps(row, default=str), encoding="utf-8")
         return 0
-    return drive(args.out, "quick" if args.quick else "full", args.runs)
+    return drive(args.out, "quick" if args.quick else (args.mode or "full"), args.runs)
 
 
 if __name__ == "__main__":

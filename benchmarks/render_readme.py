@@ -50,8 +50,14 @@ def _number(value: Any, digits: int) -> str:
 def pruning_cells(row: dict) -> list[str]:
     dense = row["method"] == "dense"
     return [row["method"], row.get("pattern") or DASH, f"{100 * row['sparsity']:.1f}%", _number(row["ppl"], 2),
-            DASH if dense else _number(row["seconds"], 1), _number(row.get("peak_rss_mb"), 0),
-            _number(row.get("forward_seconds"), 2)]
+            DASH if dense else _number(row["seconds"], 1), DASH if dense else _times_forward(row),
+            _number(row.get("peak_rss_mb"), 0), _number(row.get("forward_seconds"), 2)]
+
+
+def _times_forward(row: dict) -> str:
+    """Compression time as a multiple of one forward pass over the same calibration tokens."""
+    forward = row.get("forward_seconds")
+    return f"{row['seconds'] / forward:.1f}×" if forward else DASH
 
 
 def _order(values: tuple, value: Any) -> int:
@@ -193,7 +199,7 @@ def grid_note(rows: list[dict]) -> str:
 TABLES: dict[str, Table] = {
     "pruning": Table(
         results="benchmarks/results/pruning.json",
-        headers=("method", "pattern", "sparsity", "ppl", "compression s", "peak RSS MB", "forward s"),
+        headers=("method", "pattern", "sparsity", "ppl", "compression s", "× forward", "peak RSS MB", "forward s"),
         cells=pruning_cells, sort_key=pruning_sort_key, caption=pruning_caption,
         producer="python benchmarks/pruning.py --out benchmarks/results/pruning.json"),
     "quantization": Table(

@@ -96,9 +96,9 @@ def test_renderer_formats_sorts_and_captions_the_table(tmp_path, results):
     code, text = render_file(tmp_path, results)
     assert code == 0 and "old text" not in text and text.endswith("## Tests\n")
     lines = text.split("<!-- table:pruning -->\n")[1].split("\n<!-- /table:pruning -->")[0].strip().splitlines()
-    assert lines[0] == "| method | pattern | sparsity | ppl | compression s | peak RSS MB | forward s |"
-    assert lines[2] == "| dense | — | 0.0% | 14.05 | — | 1234 | 3.46 |"
-    assert lines[3] == "| magnitude | unstructured | 50.0% | 99.00 | 12.3 | 1234 | 3.46 |"
+    assert lines[0] == "| method | pattern | sparsity | ppl | compression s | × forward | peak RSS MB | forward s |"
+    assert lines[2] == "| dense | — | 0.0% | 14.05 | — | — | 1234 | 3.46 |"
+    assert lines[3] == "| magnitude | unstructured | 50.0% | 99.00 | 12.3 | 3.6× | 1234 | 3.46 |"
     # Within a pattern, each initial method is followed by its Barber rebuild.
     assert [line.split(" | ")[0][2:] for line in lines[2:7]] == ["dense", "magnitude", "wanda", "wanda",
                                                                  "barber_wanda"]
