@@ -142,3 +142,33 @@ def write_results(path: str | Path, rows: list[dict], meta: dict[str, Any], merg
         rows = merge_rows(read_results(path)["rows"], rows, merge_key)
     text = json.dumps({"meta": meta, "rows": rows}, indent=2, default=str) + "\n"
     return atomic_write_text(path, text)
+
+
+def compress_and_evaluate(callback_factory, model: str, nsamples: int, calib_seqlen: int, eval_seqlen: int,
+                          eval_windows: int) -> dict[str, Any]:
+    """One benchmark run on the wiki-leads splits: validate ``model`` with the callback (or none: dense).
+
+    ``callback_factory(calibration)`` returns the compression callback for a calibration datamodule, or
+    ``None`` for the dense baseline. Returns the perplexity, the callback's report, the time of one plain
+    forward over the calibration windows, the wall time, and the number of evaluation windows.
+    """
+    from lightning import Trainer
+
+    from datamodules.text import TextDataModule
+    from lit_modules.causal_lm import CausalLM
+
+    calibration = TextDataModule(source="wiki-leads", split="calibration", tokenizer=model, seqlen=calib_seqlen,
+                                 nsamples=nsamples, seed=0)
+    data = TextDataModule(source="wiki-leads", split="evaluation", tokenizer=model, seqlen=eval_seqlen,
+                          max_windows=eval_windows)
+    callback = callback_factory(calibration)
+    module = CausalLM(model)
+    with tempfile.TemporaryDirectory() as root, Timer() as wall:
+        trainer = Trainer(accelerator="auto", devices=1, logger=False, enable_progress_bar=False,
+                          enable_model_summary=False, callbacks=[callback] if callback else [],
+                          default_root_dir=root)
+        metrics = trainer.validate(module, datamodule=data, verbose=False)[0]
+        calibration.setup("calibrate")  # runs without a calibrating callback never set it up; a no-op otherwise
+        forward = forward_seconds(module.model, calibration.calibration_windows())
+    return {"ppl": metrics["val/ppl"], "report": callback.report if callback else None, "forward_seconds": forward,
+            "wall_seconds": wall.seconds, "eval_windows": len(data.eval_windows())}

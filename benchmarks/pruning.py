@@ -25,7 +25,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
-    Timer, forward_seconds, metadata, now_iso, peak_rss_mb, read_results, write_results)
+    Timer, compress_and_evaluate, metadata, now_iso, peak_rss_mb, read_results, write_results)
 
 MODEL = "smollm2-135m-instruct"
 EVAL_SEQLEN = 512
@@ -91,33 +91,20 @@ def run_specs() -> dict[str, RunSpec]:
 # -- one run (in the child process) ----------------------------------------------------------------
 def measure(name: str, mode: str) -> dict[str, Any]:
     """Load the model, prune it through ``Trainer.validate`` and measure; returns one result row."""
-    from lightning import Trainer
-
     from callbacks.pruning.callback import Pruning
-    from datamodules.text import TextDataModule
-    from lit_modules.causal_lm import CausalLM
 
     spec, settings = run_specs()[name], MODES[mode]
-    calibration = TextDataModule(source="wiki-leads", split="calibration", tokenizer=MODEL,
-                                 seqlen=settings.calib_seqlen, nsamples=settings.nsamples, seed=0)
-    data = TextDataModule(source="wiki-leads", split="evaluation", tokenizer=MODEL, seqlen=EVAL_SEQLEN,
-                          max_windows=settings.eval_windows)
-    callbacks = [] if spec.callback_kwargs is None else [
-        Pruning(**spec.callback_kwargs, calibration=calibration, progress=False)]
-    module = CausalLM(MODEL)
-    with tempfile.TemporaryDirectory() as root, Timer() as wall:
-        trainer = Trainer(accelerator="auto", devices=1, logger=False, enable_progress_bar=False,
-                          enable_model_summary=False, callbacks=callbacks, default_root_dir=root)
-        metrics = trainer.validate(module, datamodule=data, verbose=False)[0]
-        calibration.setup("calibrate")  # the dense run has no callback to do it; a no-op otherwise
-        forward = forward_seconds(module.model, calibration.calibration_windows())
-    report = callbacks[0].report if callbacks else None
+    run = compress_and_evaluate(
+        lambda calibration: None if spec.callback_kwargs is None else Pruning(
+            **spec.callback_kwargs, calibration=calibration, progress=False),
+        MODEL, settings.nsamples, settings.calib_seqlen, EVAL_SEQLEN, settings.eval_windows)
+    report = run["report"]
     return {"run": name, "mode": mode, "method": spec.method, "pattern": spec.pattern,
-            "sparsity": report["summary"]["sparsity"] if report else 0.0, "ppl": metrics["val/ppl"],
+            "sparsity": report["summary"]["sparsity"] if report else 0.0, "ppl": run["ppl"],
             "seconds": report["seconds"] if report else 0.0, "peak_rss_mb": peak_rss_mb(),
-            "forward_seconds": forward, "wall_seconds": wall.seconds,
+            "forward_seconds": run["forward_seconds"], "wall_seconds": run["wall_seconds"],
             "calib_nsamples": settings.nsamples, "calib_seqlen": settings.calib_seqlen,
-            "eval_windows": len(data.eval_windows()), "eval_seqlen": EVAL_SEQLEN,
+            "eval_windows": run["eval_windows"], "eval_seqlen": EVAL_SEQLEN,
             **_barber_fields(spec), "summary": report["summary"] if report else None, "date": now_iso()}
 
 

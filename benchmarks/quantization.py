@@ -29,7 +29,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
-    Timer, forward_seconds, metadata, now_iso, peak_rss_mb, write_results)
+    Timer, compress_and_evaluate, metadata, now_iso, peak_rss_mb, write_results)
 from benchmarks.pruning import merged_meta  # noqa: E402  (same --runs merge rules: keep the first command, one mode)
 
 MODEL = "smollm2-135m-instruct"
@@ -107,34 +107,23 @@ def run_specs() -> dict[str, RunSpec]:
 def measure(name: str, mode: str) -> dict[str, Any]:
     """Load the model, quantize it through ``Trainer.validate`` and measure; returns one result row."""
     import torch
-    from lightning import Trainer
 
     from callbacks.quantization.callback import Quantization
-    from datamodules.text import TextDataModule
-    from lit_modules.causal_lm import CausalLM
 
     spec, settings = run_specs()[name], MODES[mode]
-    calibration = TextDataModule(source="wiki-leads", split="calibration", tokenizer=MODEL,
-                                 seqlen=settings.calib_seqlen, nsamples=settings.nsamples, seed=0)
-    data = TextDataModule(source="wiki-leads", split="evaluation", tokenizer=MODEL, seqlen=EVAL_SEQLEN,
-                          max_windows=settings.eval_windows)
-    callbacks = [] if spec.callback_kwargs is None else [
-        Quantization(**spec.callback_kwargs, calibration=calibration, progress=False)]
-    module = CausalLM(MODEL)
-    with tempfile.TemporaryDirectory() as root, Timer() as wall:
-        trainer = Trainer(accelerator="auto", devices=1, logger=False, enable_progress_bar=False,
-                          enable_model_summary=False, callbacks=callbacks, default_root_dir=root)
-        metrics = trainer.validate(module, datamodule=data, verbose=False)[0]
-        calibration.setup("calibrate")  # dense and uniform RTN do not calibrate; a no-op otherwise
-        forward = forward_seconds(module.model, calibration.calibration_windows())
-    report = callbacks[0].report if callbacks else None
+    run = compress_and_evaluate(
+        lambda calibration: None if spec.callback_kwargs is None else Quantization(
+            **spec.callback_kwargs, calibration=calibration, progress=False),
+        MODEL, settings.nsamples, settings.calib_seqlen, EVAL_SEQLEN, settings.eval_windows)
+    report = run["report"]
     return {"run": name, "mode": mode, "method": spec.method, **quant_fields(spec, report),
-            "ppl": metrics["val/ppl"], "seconds": report["seconds"] if report else 0.0,
-            "peak_rss_mb": peak_rss_mb(), "forward_seconds": forward, "wall_seconds": wall.seconds,
+            "ppl": run["ppl"], "seconds": report["seconds"] if report else 0.0,
+            "peak_rss_mb": peak_rss_mb(), "forward_seconds": run["forward_seconds"],
+            "wall_seconds": run["wall_seconds"],
             "threads": torch.get_num_threads(),
             "calibrated": bool(report and report["calibration"]),
             "calib_nsamples": settings.nsamples, "calib_seqlen": settings.calib_seqlen,
-            "eval_windows": len(data.eval_windows()), "eval_seqlen": EVAL_SEQLEN,
+            "eval_windows": run["eval_windows"], "eval_seqlen": EVAL_SEQLEN,
             "summary": report["summary"] if report else None,
             "bits_by_type": bits_by_type(report["modules"]) if report else None,
             "config": report["config"] if report else None, "date": now_iso()}
