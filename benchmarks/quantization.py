@@ -1,12 +1,11 @@
 """Quantization benchmark: SmolLM2-135M-Instruct quantized by RTN, GPTQ and APTQ, perplexity on wiki-leads.
 
-    python benchmarks/quantization.py --out benchmarks/results/quantization.json                 # full: 16 runs
+    python benchmarks/quantization.py --out benchmarks/results/quantization.json                 # full: 17 runs
     python benchmarks/quantization.py --quick --out benchmarks/results/quantization_quick.json   # 3 runs, < 10 min
     python benchmarks/quantization.py --out benchmarks/results/quantization.json --runs aptq-avg3.5   # re-measure
 
-Same design as benchmarks/pruning.py: every run is a fresh child process (this script with ``--single``), so
-its peak RSS is its own; rows are written after each run; ``--runs`` merges into an existing file of the same
-mode. ``python benchmarks/render_readme.py`` turns the full file into the README table.
+Every run is a fresh child process (``benchmarks/driver.py``), so its peak RSS is its own; rows are written
+after each run; ``--runs`` merges into an existing file of the same mode. ``python benchmarks/render_readme.py`` turns the full file into the README table.
 
 The model ships as a Q4_1 GGUF (4-bit codes per block of 32 inputs; quantization spec §7), so "dense" is those
 weights dequantized, and 4-bit group-32 would be grid-aligned: no run uses it. Weights are fake-quantized (the
@@ -15,12 +14,7 @@ dequantized values replace the originals), so ``forward_seconds`` shows that eva
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import subprocess
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,9 +22,8 @@ from typing import Any
 # Run as a script, Python puts benchmarks/ (not the repository) on sys.path; the sibling module needs the latter.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (  # noqa: E402
-    Timer, compress_and_evaluate, metadata, now_iso, peak_rss_mb, write_results)
-from benchmarks.pruning import merged_meta  # noqa: E402  (same --runs merge rules: keep the first command, one mode)
+from benchmarks.common import compress_and_evaluate, now_iso, peak_rss_mb  # noqa: E402
+from benchmarks.driver import Benchmark  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 EVAL_SEQLEN = 512
@@ -53,6 +46,11 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "gptq-bytype": {"method": "gptq", "allocation": "by_type"},
     "aptq-noattn": {"method": "aptq", "attention_aware": False},
 }
+# Not an ablation of the issue but the reason for the default: APTQ at 3.5 bits with the allocation driven by
+# the per-layer Hessian traces (``sensitivity="layer"``) instead of the loss-Hessian traces.
+DIAGNOSTICS: dict[str, dict[str, Any]] = {
+    "aptq-layertraces-avg3.5": {"method": "aptq", "sensitivity": "layer", **MIXED["avg3.5"]},
+}
 
 
 # torch threads per run. GPTQ updates a block of columns once per column: about 150,000 small parallel ops for
@@ -73,7 +71,7 @@ class Settings:
 MODES = {
     # The README table, at the pruning table's sizes: 16 calibration windows of 512 tokens and 32 evaluation
     # windows of 512 (16,384 tokens). The configs in configs/quant/ calibrate on 64 windows and evaluate on 64;
-    # the smaller sizes keep the 16 runs (APTQ: two calibration passes and probe backward passes per layer)
+    # the smaller sizes keep the 17 runs (APTQ: two calibration passes and probe backward passes per layer)
     # to about 75 minutes on 2 shared CPU cores (estimate below), and make both tables comparable.
     "full": Settings(nsamples=16, calib_seqlen=512, eval_windows=32, runs=None),
     # For checking the script, not for the README: 130-160 s on the 2 shared CPU cores at 1 thread (limit: 10 min).
@@ -100,6 +98,8 @@ def run_specs() -> dict[str, RunSpec]:
     for budget, kwargs in MIXED.items():
         for ablation, options in ABLATIONS.items():
             specs[f"{ablation}-{budget}"] = RunSpec(options["method"], {**options, **kwargs})
+    for name, kwargs in DIAGNOSTICS.items():
+        specs[name] = RunSpec(kwargs["method"], kwargs)
     return specs
 
 
@@ -135,7 +135,7 @@ def quant_fields(spec: RunSpec, report: dict[str, Any] | None) -> dict[str, Any]
     kwargs = spec.callback_kwargs
     if kwargs is None:
         return {"bits": None, "avg_bits": None, "target_avg_bits": None, "candidate_bits": None,
-                "group_size": None, "allocation": None, "attention_aware": None}
+                "group_size": None, "allocation": None, "sensitivity": None, "attention_aware": None}
     mixed = kwargs.get("target_avg_bits") is not None
     return {"bits": None if mixed else kwargs.get("bits", 4),
             "avg_bits": report["summary"]["avg_bits"] if report else None,
@@ -143,6 +143,7 @@ def quant_fields(spec: RunSpec, report: dict[str, Any] | None) -> dict[str, Any]
             "candidate_bits": sorted(kwargs["candidate_bits"]) if mixed else None,
             "group_size": kwargs.get("group_size", -1),
             "allocation": kwargs.get("allocation", "sensitivity") if mixed else None,
+            "sensitivity": kwargs.get("sensitivity", "loss") if mixed else None,
             "attention_aware": kwargs.get("attention_aware", True) if spec.method == "aptq" else None}
 
 
@@ -157,91 +158,18 @@ def bits_by_type(modules: list[dict[str, Any]]) -> dict[str, float]:
     return {kind: b / max(n, 1) for kind, (b, n) in totals.items()}
 
 
-# -- the driver (in the parent process) ------------------------------------------------------------
-def set_threads(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-
-
-def run_child(name: str, mode: str, threads: int = THREADS) -> dict[str, Any]:
-    """Measure one run in a fresh interpreter; its output is shown only if it fails."""
-    with tempfile.TemporaryDirectory() as tmp:
-        row_file = Path(tmp) / "row.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--single", name, "--mode", mode,
-               "--row-file", str(row_file), "--threads", str(threads)]
-        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
-        if done.returncode != 0:
-            raise RuntimeError(f"run {name!r} failed (exit {done.returncode}):\n{done.stdout[-4000:]}")
-        return json.loads(row_file.read_text(encoding="utf-8"))
+# -- the driver (benchmarks/driver.py) ---------------------------------------------------------------
+def describe(row: dict[str, Any]) -> str:
+    bits = "dense" if row["avg_bits"] is None else f"avg bits {row['avg_bits']:.2f}"
+    return (f"ppl {row['ppl']:.2f}, {bits}, compression {row['seconds']:.1f} s, peak RSS {row['peak_rss_mb']:.0f} MB, "
+            f"run {row['wall_seconds']:.0f} s")
 
 
-def selected_runs(mode: str, requested: list[str] | None) -> list[str]:
-    specs = run_specs()
-    names = requested or list(MODES[mode].runs or specs)
-    unknown = [n for n in names if n not in specs]
-    if unknown:
-        raise SystemExit(f"--runs: unknown run(s) {unknown}; allowed: {list(specs)}")
-    return names
-
-
-def drive(out: Path, mode: str, requested: list[str] | None, threads: int = THREADS) -> int:
-    names = selected_runs(mode, requested)
-    set_threads(threads)  # before metadata(), which records the thread count the runs use
-    merge = requested is not None  # a subset updates the file; the whole set replaces it
-    meta = metadata(benchmark="quantization", mode=mode, model=MODEL, eval_seqlen=EVAL_SEQLEN,
-                    settings={k: v for k, v in asdict(MODES[mode]).items() if k != "runs"})
-    if merge:
-        meta = merged_meta(out, meta)
-    rows, failures = [], 0
-    with Timer() as total:
-        for i, name in enumerate(names, 1):
-            try:
-                row = run_child(name, mode, threads)
-            except RuntimeError as error:
-                failures += 1
-                print(f"[{i}/{len(names)}] {error}", file=sys.stderr, flush=True)
-                continue
-            rows.append(row)
-            write_results(out, rows, meta, merge_key=("run",) if merge else None)
-            bits = "dense" if row["avg_bits"] is None else f"avg bits {row['avg_bits']:.2f}"
-            print(f"[{i}/{len(names)}] {name}: ppl {row['ppl']:.2f}, {bits}, "
-                  f"compression {row['seconds']:.1f} s, peak RSS {row['peak_rss_mb']:.0f} MB, "
-                  f"run {row['wall_seconds']:.0f} s", file=sys.stderr, flush=True)
-    print(f"{len(rows)} run(s) in {total.seconds:.0f} s -> {out}", file=sys.stderr)
-    return 1 if failures else 0
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small settings and 3 runs, to check the script")
-    parser.add_argument("--out", type=Path, help="result JSON file")
-    parser.add_argument("--runs", nargs="+", metavar="NAME", help=f"only these runs (merged into --out): "
-                        f"{', '.join(run_specs())}")
-    parser.add_argument("--threads", type=int, default=THREADS, metavar="N",
-                        help=f"torch threads per run (default {THREADS}; see THREADS)")
-    # Internal: what the driver passes to each child process.
-    parser.add_argument("--single", help=argparse.SUPPRESS)
-    parser.add_argument("--mode", choices=sorted(MODES), help=argparse.SUPPRESS)
-    parser.add_argument("--row-file", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.single is None and args.out is None:
-        parser.error("--out is required")
-    if args.threads < 1:
-        parser.error(f"--threads {args.threads}: allowed: a positive int")
-    return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.single is not None:
-        set_threads(args.threads)
-        row = measure(args.single, args.mode or "full")
-        args.row_file.write_text(json.dumps(row, default=str), encoding="utf-8")
-        return 0
-    return drive(args.out, "quick" if args.quick else "full", args.runs, args.threads)
-
+BENCHMARK = Benchmark(
+    name="quantization", script=Path(__file__).resolve(), run_names=lambda: list(run_specs()),
+    modes={mode: settings.runs for mode, settings in MODES.items()}, measure=measure, describe=describe,
+    settings=lambda mode: {k: v for k, v in asdict(MODES[mode]).items() if k != "runs"}, threads=THREADS,
+    header={"model": MODEL, "eval_seqlen": EVAL_SEQLEN})
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(BENCHMARK.main(doc=__doc__))

@@ -136,6 +136,8 @@ def quant_allocation(row: dict) -> str:
         note = "uniform"
     elif row.get("allocation") == "by_type":
         note = "by module type (ablation)"
+    elif row.get("sensitivity") == "layer":
+        note = "sensitivity from per-layer Hessian traces (diagnostic)"
     else:
         note = "sensitivity"
     if row["method"] == "aptq" and row.get("attention_aware") is False:
@@ -196,6 +198,58 @@ def grid_note(rows: list[dict]) -> str:
     return text + (f" (GPTQ/APTQ: {', '.join(options)})" if options else "")
 
 
+# -- GRPO ------------------------------------------------------------------------------------------
+NOISE_METHODS = ("vanilla", "phased", "min_only", "max_only", "reversed", "rent", "intuitor", "ttrl")
+
+
+def noise_cells(row: dict) -> list[str]:
+    before, after = row["clean_acc_before"], row["clean_acc_after"]
+    entropies = [s["entropy"] for s in row.get("train_curves", []) if "entropy" in s]
+    agreement = [s["noisy_label_agreement"] for s in row.get("train_curves", []) if "noisy_label_agreement" in s]
+    return [row["method"], f"{row['noise_rate']:g}", str(row["seed"]), _number(before, 3), _number(after, 3),
+            f"{after - before:+.3f}", _number(row.get("clean_acc_auc"), 3),
+            _number(entropies[-1], 3) if entropies else DASH, _number(agreement[-1], 3) if agreement else DASH]
+
+
+def noise_sort_key(row: dict) -> tuple:
+    return (row["noise_rate"], _order(NOISE_METHODS, row["method"]), row["method"], row["seed"])
+
+
+def noise_caption(meta: dict, rows: list[dict]) -> str:
+    settings = meta.get("settings", {})
+    methods = sorted({r["method"] for r in rows}, key=lambda m: _order(NOISE_METHODS, m))
+    rates = sorted({r["noise_rate"] for r in rows})
+    seeds = sorted({r["seed"] for r in rows})
+    machine = meta.get("machine", {})
+    return (f"_Mode {meta.get('mode', '?')}: grid actually run = methods {', '.join(methods)} × noise "
+            f"{', '.join(f'{r:g}' for r in rates)} × seeds {', '.join(map(str, seeds))}; {meta.get('model', '?')} "
+            f"on {meta.get('task', '?')} with near-miss label noise, {settings.get('steps', '?')} optimizer steps of "
+            f"{settings.get('prompts_per_batch', '?')} prompts × G={settings.get('num_generations', '?')}, "
+            f"lr {settings.get('learning_rate', '?')}, λ={meta.get('lambda', '?')}; clean accuracy = greedy decoding "
+            f"on {settings.get('num_val', '?')} held-out questions with clean labels, before training and after the "
+            f"last step; AUC = mean over the validations; entropy and noisy-label agreement (corrupted training rows "
+            f"whose label the policy reproduced) at the last step; {machine.get('cpu_count', '?')} CPUs, "
+            f"torch {machine.get('torch', '?')}; {_dates(meta, rows)}, `{meta.get('command', '?')}`._")
+
+
+def throughput_cells(row: dict) -> list[str]:
+    return [row["run"], str(row["num_generations"]), str(row["prompts"]), str(row["max_new_tokens"]),
+            _number(row["seconds_per_optimizer_step"], 2), _number(row["generation_seconds"], 2),
+            _number(row["update_seconds"], 2), _number(row["completion_tokens"], 0),
+            _number(row["completion_tokens_per_second"], 1), _number(row["peak_rss_mb"], 0)]
+
+
+def throughput_caption(meta: dict, rows: list[dict]) -> str:
+    machine = meta.get("machine", {})
+    devices = sorted({r.get("device", "?") for r in rows})
+    return (f"_Mode {meta.get('mode', '?')}: {meta.get('model', '?')}, fp32 on {', '.join(devices)}, "
+            f"{machine.get('cpu_count', '?')} CPUs / {machine.get('threads', '?')} threads, torch "
+            f"{machine.get('torch', '?')}; mean over {meta.get('settings', {}).get('batches', '?')} generated batches "
+            f"after 1 warm-up; generation and update are per generated batch (μ optimizer steps share one); "
+            f"completion tokens = mean tokens generated per batch (EOS included); {_dates(meta, rows)}, "
+            f"`{meta.get('command', '?')}`._")
+
+
 TABLES: dict[str, Table] = {
     "pruning": Table(
         results="benchmarks/results/pruning.json",
@@ -213,6 +267,18 @@ TABLES: dict[str, Table] = {
         headers=("method", "bits", "group size", "allocation", "ppl", "compression s", "peak RSS MB", "forward s"),
         cells=quantization_cells, sort_key=quantization_sort_key, caption=quantization_caption,
         producer="python benchmarks/quantization.py --out benchmarks/results/quantization.json"),
+    "noise_study": Table(
+        results="benchmarks/results/noise_study.json",
+        headers=("method", "noise", "seed", "clean acc before", "clean acc after", "Δ", "AUC", "entropy",
+                 "noisy-label agreement"),
+        cells=noise_cells, sort_key=noise_sort_key, caption=noise_caption,
+        producer="python benchmarks/noise_study.py --mode reduced --out benchmarks/results/noise_study.json"),
+    "grpo_throughput": Table(
+        results="benchmarks/results/grpo_throughput.json",
+        headers=("run", "G", "prompts", "max new tokens", "s / optimizer step", "generation s", "update s",
+                 "completion tokens", "completion tok/s", "peak RSS MB"),
+        cells=throughput_cells, sort_key=lambda row: row["run"], caption=throughput_caption,
+        producer="python benchmarks/grpo_throughput.py --out benchmarks/results/grpo_throughput.json"),
 }
 
 

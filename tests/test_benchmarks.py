@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 import pytest
@@ -320,8 +322,8 @@ def test_full_quantization_runs_match_the_shipped_configs():
     from benchmarks import quantization
 
     specs = quantization.run_specs()
-    # dense; rtn/gptq/aptq × (w4, w3, w3 g64); aptq at 2 budgets; 2 ablations at each budget.
-    assert len(specs) == 1 + 3 * 3 + 2 + 2 * 2 and set(quantization.MODES["quick"].runs) <= set(specs)
+    # dense; rtn/gptq/aptq × (w4, w3, w3 g64); aptq at 2 budgets; 2 ablations at each budget; 1 diagnostic.
+    assert len(specs) == 1 + 3 * 3 + 2 + 2 * 2 + 1 and set(quantization.MODES["quick"].runs) <= set(specs)
     full = quantization.MODES["full"]
     configs = sorted((REPO_ROOT / "configs" / "quant").glob("*_smollm2_*.yaml"))
     # The export config writes a symmetric g64 checkpoint; no table row corresponds to it.
@@ -342,6 +344,8 @@ def test_full_quantization_runs_match_the_shipped_configs():
         aptq = specs[f"aptq-{budget}"].callback_kwargs
         assert specs[f"aptq-noattn-{budget}"].callback_kwargs == {**aptq, "attention_aware": False}
         assert specs[f"gptq-bytype-{budget}"].callback_kwargs == {**aptq, "method": "gptq", "allocation": "by_type"}
+    aptq = specs["aptq-avg3.5"].callback_kwargs
+    assert specs["aptq-layertraces-avg3.5"].callback_kwargs == {**aptq, "sensitivity": "layer"}
 
 
 def test_quantization_run_rows_record_uniform_and_mixed_settings():
@@ -351,13 +355,13 @@ def test_quantization_run_rows_record_uniform_and_mixed_settings():
     report = {"summary": {"avg_bits": 3.47}}
     assert quantization.quant_fields(specs["dense"], None) == {
         "bits": None, "avg_bits": None, "target_avg_bits": None, "candidate_bits": None, "group_size": None,
-        "allocation": None, "attention_aware": None}
+        "allocation": None, "sensitivity": None, "attention_aware": None}
     assert quantization.quant_fields(specs["rtn-w3-g64"], {"summary": {"avg_bits": 3.0}}) == {
         "bits": 3, "avg_bits": 3.0, "target_avg_bits": None, "candidate_bits": None, "group_size": 64,
-        "allocation": None, "attention_aware": None}
+        "allocation": None, "sensitivity": None, "attention_aware": None}
     assert quantization.quant_fields(specs["aptq-noattn-avg3.5"], report) == {
         "bits": None, "avg_bits": 3.47, "target_avg_bits": 3.5, "candidate_bits": [2, 4], "group_size": -1,
-        "allocation": "sensitivity", "attention_aware": False}
+        "allocation": "sensitivity", "sensitivity": "loss", "attention_aware": False}
     assert quantization.quant_fields(specs["gptq-bytype-avg3.0"], report)["allocation"] == "by_type"
     modules = [{"name": "model.layers.0.self_attn.q_proj", "bits": 4, "params": 3},
                {"name": "model.layers.1.self_attn.q_proj", "bits": 2, "params": 1},
@@ -368,14 +372,16 @@ def test_quantization_run_rows_record_uniform_and_mixed_settings():
 def test_unknown_quantization_runs_are_refused_and_modes_are_not_mixed(tmp_path, monkeypatch):
     from benchmarks import quantization
 
-    monkeypatch.setattr(quantization, "run_child", lambda *args: pytest.fail("a run started"))
-    monkeypatch.setattr(quantization, "set_threads", lambda threads: None)  # keep this process's torch threads
+    from benchmarks import driver
+
+    bench = dataclasses.replace(quantization.BENCHMARK, spawn=lambda *args: pytest.fail("a run started"))
+    monkeypatch.setattr(driver, "set_threads", lambda threads: None)  # keep this process's torch threads
 
     with pytest.raises(SystemExit, match="unknown run"):
-        quantization.selected_runs("full", ["gptq-w5"])
+        bench.selected_runs("full", ["gptq-w5"])
     with pytest.raises(SystemExit):
-        quantization.parse_args(["--out", "q.json", "--threads", "0"])
+        bench.parse_args(["--out", "q.json", "--threads", "0"])
     path = tmp_path / "q.json"
     write_results(path, [qrow("dense", 1.0)], {"mode": "quick", "date": "d1", "command": "first"})
     with pytest.raises(SystemExit, match="cannot merge"):
-        quantization.drive(path, "full", ["dense"])
+        bench.drive(path, "full", ["dense"])

@@ -30,7 +30,7 @@ def test_every_method_puts_each_row_on_a_grid_of_the_requested_width(tmp_path, t
     assert metrics["val/ppl"] > 0
     report = json.loads((tmp_path / "run" / "quant_report.json").read_text())
     record = report["modules"][0]
-    assert {"bits", "trace", "weight_sq_error", "seconds", "unit"} <= set(record) or method == "rtn"
+    assert {"bits", "hessian_trace", "weight_sq_error", "seconds", "unit"} <= set(record) or method == "rtn"
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "mistral", "gpt2", "opt", "gpt_neox", "gemma"])
@@ -67,10 +67,12 @@ def test_attention_aware_hessian_changes_only_qkv(tmp_path, tiny_model_dir):
     assert flags["model.layers.0.self_attn.q_proj"] and not flags["model.layers.0.mlp.up_proj"]
 
 
-@pytest.mark.parametrize("allocation", ["sensitivity", "by_type"])
-def test_mixed_precision_meets_the_budget_and_couples_fused_modules(tmp_path, tiny_model_dir, allocation):
+@pytest.mark.parametrize("allocation, sensitivity", [("sensitivity", "loss"), ("sensitivity", "layer"),
+                                                     ("by_type", "loss")])
+def test_mixed_precision_meets_the_budget_and_couples_fused_modules(tmp_path, tiny_model_dir, allocation,
+                                                                    sensitivity):
     callback, module, _ = _run(tmp_path, tiny_model_dir, method="aptq", target_avg_bits=3.0,
-                               candidate_bits=[2, 4], allocation=allocation)
+                               candidate_bits=[2, 4], allocation=allocation, sensitivity=sensitivity)
     records = {r["name"]: r for r in callback.report["modules"]}
     assert callback.report["summary"]["avg_bits"] <= 3.0 + 1e-9
     assert {r["bits"] for r in records.values()} <= {2, 4}
@@ -103,6 +105,8 @@ def test_quantization_after_pruning_keeps_the_zeros(tmp_path, tiny_model_dir):
         ({"target_avg_bits": 3.0, "candidate_bits": [2, 6]}, r"unsupported widths \[6\]"),
         ({"method": "awq"}, r"method='awq'"),
         ({"group_size": 0}, r"group_size=0"),
+        ({"sensitivity": "hutchinson"}, r"sensitivity='hutchinson'.*\['loss', 'layer'\]"),
+        ({"probe_space": "v_out"}, r"probe_space='v_out'.*\['attn_out', 'o_proj_out'\]"),
     ],
 )
 def test_bad_options_raise_in_init(kwargs, message):
@@ -133,3 +137,31 @@ def test_mixed_precision_export_reloads_in_transformers_with_identical_logits(tm
         assert torch.equal(reloaded(input_ids=ids).logits, expected)
     config = json.loads((tmp_path / "export" / "config.json").read_text())["quantization_config"]
     assert config["format"] == "pack-quantized" and len(config["config_groups"]) == 2
+
+
+def test_loss_sensitivity_uses_the_fisher_traces_of_the_calibration_windows(tmp_path, tiny_model_dir):
+    """``sensitivity="loss"``: each module's trace is (1/N)·Σ_n‖∂L_n/∂W‖² over the calibration windows, and the
+    layer-output traces (``"layer"``) give a different plan input on the same model."""
+    from transformers import AutoModelForCausalLM
+
+    path = corpus(tmp_path)
+    data = calibration(path)
+    callback = Quantization(method="gptq", target_avg_bits=3.0, candidate_bits=[2, 4], calibration=data,
+                            progress=False)
+    validate(tiny_model_dir("llama"), path, [callback], tmp_path / "run")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"), dtype=torch.float32).eval()
+    windows = data.calibration_windows()
+    expected: dict[str, float] = {}
+    for row in windows:
+        model.zero_grad()
+        model(input_ids=row[None], labels=row[None]).loss.backward()
+        for name, module in model.named_modules():
+            if name.startswith("model.layers.") and isinstance(module, torch.nn.Linear):
+                expected[name] = expected.get(name, 0.0) + float(module.weight.grad.double().square().sum())
+    traces = {r["name"]: r["trace"] for r in callback.report["modules"]}
+    assert traces.keys() == expected.keys()
+    for name, trace in traces.items():
+        assert trace == pytest.approx(expected[name] / len(windows), rel=1e-4), name
+    layer, _, _ = _run(tmp_path, tiny_model_dir, root="layer", method="gptq", target_avg_bits=3.0,
+                       candidate_bits=[2, 4], sensitivity="layer")
+    assert {r["name"]: r["trace"] for r in layer.report["modules"]} != traces

@@ -24,6 +24,7 @@ from torch import Tensor
 
 Probe = Literal["rademacher", "gaussian"]
 Reduce = Literal["token_diag", "gram"]
+ProbeSpace = Literal["attn_out", "o_proj_out"]
 PROJECTIONS = ("q", "k", "v")
 
 
@@ -248,12 +249,17 @@ def qkv_statistics(
     generator: torch.Generator | None = None,
     with_hessian: bool = True,
     probe_batch: int = 1,
+    out_weight: Tensor | None = None,
 ) -> QKVStatistics:
     """q/k/v statistics for inputs ``x`` ``[T, c]`` (one sequence) or ``[B, T, c]`` (B sequences).
 
     ``weights`` / ``biases`` map ``q``, ``k``, ``v`` to the projection parameters; ``cos``/``sin`` are the RoPE
     tables ``[T, head_dim]`` (``[B, T, head_dim]`` for batched ``x``). ``attention_aware=False`` returns the
     plain GPTQ statistics (spec §3.3 ablation), ignoring the probe options.
+
+    ``out_weight`` (o_proj's weight) moves the probes to o_proj's output (``probe_space="o_proj_out"``): the
+    error is then measured where o_proj's own GPTQ Hessian measures it, so q/k/v traces share o_proj's and
+    down_proj's units (the residual stream) instead of the attention-output units (spec §4, limitation).
     """
     if set(weights) != set(PROJECTIONS):
         raise ValueError(f"weights must have keys {list(PROJECTIONS)}, got {sorted(weights)}.")
@@ -268,8 +274,11 @@ def qkv_statistics(
         cos_b, sin_b = (t[b] if t is not None and t.dim() == 3 else t for t in (cos, sin))
         proj = {p: project(seq, weights[p], (biases or {}).get(p)) for p in PROJECTIONS}
 
+        w_out = out_weight.detach().to(proj["q"].dtype) if out_weight is not None else None
+
         def attn_fn(q: Tensor, k: Tensor, v: Tensor, c: Tensor | None = cos_b, s: Tensor | None = sin_b) -> Tensor:
-            return attention_core(q, k, v, heads, c, s)
+            out = attention_core(q, k, v, heads, c, s)
+            return out if w_out is None else out @ w_out.T
 
         total.add_(probe_statistics(seq, proj, attn_fn, n_probes=n_probes, probe=probe, reduce=reduce,
                                     generator=generator, with_hessian=with_hessian, probe_batch=probe_batch))

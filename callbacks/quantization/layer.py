@@ -128,21 +128,25 @@ def quantize_layer(modules: Mapping[str, nn.Module], bits: Mapping[str, int], ba
         for name in group:
             quantized[name], records[name] = quantize_module(modules[name], replace(base, bits=bits[name]),
                                                              stats.hessian(name), options, f"{prefix}.{name}")
-            records[name]["trace"] = stats.trace(name)
+            records[name]["hessian_trace"] = stats.trace(name)  # the solver's; pass 1 reports the plan's "trace"
             records[name]["attention_aware"] = stats.aware and name in stats.qkv_names()
     return quantized, records
 
 
-def layer_sensitivities(modules: Mapping[str, nn.Module], stats: LayerStats, base: QuantConfig,
-                        palette: Sequence[int]) -> dict[str, dict[str, Any]]:
-    """Pass 1: per module the trace, RTN error at every width, and ``Ω(b) = tr/n · ‖W − Q_b(W)‖²``."""
+def layer_sensitivities(modules: Mapping[str, nn.Module], traces: Mapping[str, float], base: QuantConfig,
+                        palette: Sequence[int], attention_aware: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
+    """Pass 1: per module the trace, RTN error at every width, and ``Ω(b) = tr/n · ‖W − Q_b(W)‖²``.
+
+    ``traces`` maps each module to ``tr(H)`` (layer-output traces from :class:`LayerStats`, or loss traces from
+    ``fisher.fisher_traces``); ``attention_aware`` names the modules whose trace came from APTQ's probes.
+    """
     out = {}
     for name, module in modules.items():
         weight = weight_matrix(module)
-        trace = stats.trace(name)
+        trace = traces[name]
         errors = rtn_squared_errors(weight, base, palette)
         out[name] = {"params": weight.numel(), "trace": trace, "trace_per_param": trace / weight.numel(),
                      "rtn_err": errors,
                      "omega": {b: hawq_sensitivity(trace, weight.numel(), e) for b, e in errors.items()},
-                     "attention_aware": stats.aware and name in stats.qkv_names()}
+                     "attention_aware": name in attention_aware}
     return out

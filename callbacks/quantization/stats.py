@@ -22,16 +22,23 @@ from callbacks.quantization.aptq import AttentionHeads, QKVStatistics, qkv_stati
 log = logging.getLogger(__name__)
 
 QKV = {"q_proj": "q", "k_proj": "k", "v_proj": "v"}
+PROBE_SPACES = ("attn_out", "o_proj_out")
 
 
 @dataclass(frozen=True)
 class ProbeOptions:
-    """APTQ probe settings (spec §3.3): number and kind of probes and the reduction of their outer products."""
+    """APTQ probe settings (spec §3.3): number and kind of probes, the reduction of their outer products, and
+    where the probes sit (``attn_out``: o_proj's input, the paper's O; ``o_proj_out``: o_proj's output)."""
 
     n_probes: int = 4
     probe: str = "rademacher"
     reduce: str = "token_diag"
     seed: int = 0
+    space: str = "attn_out"
+
+    def __post_init__(self) -> None:
+        if self.space not in PROBE_SPACES:
+            raise ValueError(f"probe_space={self.space!r} is not allowed; allowed: {list(PROBE_SPACES)}")
 
 
 def attention_parts(layer: nn.Module) -> tuple[str, nn.Module] | None:
@@ -130,10 +137,11 @@ class LayerStats:
         biases = {QKV[leaf]: getattr(getattr(attention, leaf), "bias", None) for leaf in QKV}
         biases = {k: (b.detach().float() if b is not None else None) for k, b in biases.items()}
         cos, sin = (t.float() for t in self._rope) if self._rope is not None else (None, None)
+        out_weight = attention.o_proj.weight.detach().float() if self.probes.space == "o_proj_out" else None
         with torch.inference_mode(False), torch.enable_grad():
             stats = qkv_statistics(x.float().clone(), weights, self.heads, biases=biases, cos=cos, sin=sin,
                                    n_probes=self.probes.n_probes, probe=self.probes.probe, reduce=self.probes.reduce,
-                                   generator=self._generator, with_hessian=self.hessians)
+                                   generator=self._generator, with_hessian=self.hessians, out_weight=out_weight)
         self.qkv.add_(stats)
 
     # -- results -----------------------------------------------------------------------------------
