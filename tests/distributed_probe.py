@@ -52,3 +52,19 @@ class RankProbe(Callback):
         out = Path(self.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.record, indent=1))
+
+
+class WeightsProbe(Callback):
+    """Per rank, at the end of fit: a checksum of every parameter and the optimizer steps taken (GRPO under DDP)."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        params = [p.detach() for p in pl_module.parameters()]
+        record = {"rank": trainer.global_rank, "world_size": trainer.world_size, "global_step": trainer.global_step,
+                  "weights_sha256": checksum(params), "metrics": {k: float(v) for k, v in
+                                                                  trainer.callback_metrics.items()}}
+        out = Path(self.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record, indent=1))

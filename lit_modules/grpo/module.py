@@ -10,12 +10,14 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
 from lightning import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
 from datamodules.assets import check_model_source, resolve_model
@@ -159,6 +161,7 @@ class GRPOModule(LightningModule):
         self._ckpt_total: int | None = None
         self._stage: str | None = None
         self.val_clean_acc = MeanMetric()
+        self.clean_acc_history: list[tuple[int, float]] = []  # (optimizer step, val/clean_acc), for the summary
 
     # -- loading -----------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -233,7 +236,9 @@ class GRPOModule(LightningModule):
 
     # -- one training step ---------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        started = time.perf_counter()
         rollout = self.sample(batch["prompt"], do_sample=True, repeats=self.num_generations)
+        generated = time.perf_counter()
         columns = self._reward_columns(batch, rollout)
         old_logp = None
         if self.num_iterations > 1 or self.reward_set.needs_model_stats:
@@ -246,7 +251,11 @@ class GRPOModule(LightningModule):
         first_coef, outputs = self.entropy_coef(), []
         for _ in range(self.num_iterations):
             outputs.append(self._optimizer_step(rollout, advantages, old_logp, ref_logp))
-        self._log_step(batch, rollout, rewards, scores, outputs, first_coef)
+        # Wall time of the two halves of a step (on an accelerator they include its queue: generate() syncs, and
+        # the float() of the metrics below waits for the updates).
+        timing = {"timing/generation_seconds": generated - started,
+                  "timing/update_seconds": time.perf_counter() - generated}
+        self._log_step(batch, rollout, rewards, scores, outputs, first_coef, timing)
 
     def sample(self, prompts: Sequence[str], *, do_sample: bool, repeats: int) -> Rollout:
         """Tokenise (left-padded), expand each prompt ``repeats`` times, generate and mask the completions."""
@@ -335,7 +344,7 @@ class GRPOModule(LightningModule):
 
     # -- metrics -------------------------------------------------------------------------------------
     def _log_step(self, batch, rollout: Rollout, rewards, scores, outputs: list[GRPOLossOutput],
-                  first_coef: float) -> None:  # fmt: skip
+                  first_coef: float, timing: dict[str, float]) -> None:  # fmt: skip
         """TRL-named ``train/`` metrics; loss metrics are averaged over the μ updates, λ is the first update's."""
         metrics: dict[str, float] = {k: float(v) for k, v in reward_metrics(rewards, self.num_generations).items()}
         for name, row in zip(self.reward_set.names, scores):
@@ -351,6 +360,8 @@ class GRPOModule(LightningModule):
         metrics["policy_loss"] = sum(float(o.policy_loss) for o in outputs) / len(outputs)
         metrics["entropy_loss"] = sum(float(o.entropy_loss) for o in outputs) / len(outputs)
         metrics["entropy_coef"] = first_coef
+        metrics["completion_tokens"] = float(lengths.sum())
+        metrics.update(timing)
         metrics.update(label_metrics(rollout.completions, batch, self.num_generations))
         # No sync_dist: per-step collectives would stall every rank; loggers record rank 0's values.
         self.log_dict({f"train/{k}": v for k, v in metrics.items() if math.isfinite(v)}, on_step=True,
@@ -365,3 +376,17 @@ class GRPOModule(LightningModule):
             self.val_clean_acc.update(torch.tensor(scores, device=self.device))
         # A torchmetrics object syncs once when computed at epoch end: no collective per batch.
         self.log("val/clean_acc", self.val_clean_acc, on_step=False, on_epoch=True, batch_size=max(len(scores), 1))
+
+    def on_validation_epoch_end(self) -> None:
+        """Print clean accuracy at every validation (the sanity check counts: it is the "before" number)."""
+        if self.val_clean_acc.update_count == 0:
+            return
+        acc, step = float(self.val_clean_acc.compute()), self.trainer.global_step  # compute() syncs across ranks
+        self.clean_acc_history.append((step, acc))
+        rank_zero_info(f"val/clean_acc at step {step}: {acc:.3f}" + (" (before training)" if step == 0 else ""))
+
+    def on_fit_end(self) -> None:
+        if len(self.clean_acc_history) >= 2:
+            (first_step, first), (last_step, last) = self.clean_acc_history[0], self.clean_acc_history[-1]
+            rank_zero_info(f"clean accuracy: {first:.3f} at step {first_step} -> {last:.3f} at step {last_step} "
+                           f"({last - first:+.3f})")
