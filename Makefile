@@ -22,6 +22,7 @@ demo: install
 	$(BIN)/litforge validate -c configs/eval/smollm2_wiki.yaml
 	$(BIN)/litforge validate -c configs/demo/barber_wanda_quick.yaml
 	$(BIN)/litforge validate -c configs/demo/aptq_quick.yaml
+	$(BIN)/litforge fit -c configs/demo/grpo_phased_quick.yaml
 
 test: install
 	$(BIN)/python -m pytest

@@ -232,6 +232,20 @@ def noise_caption(meta: dict, rows: list[dict]) -> str:
             f"torch {machine.get('torch', '?')}; {_dates(meta, rows)}, `{meta.get('command', '?')}`._")
 
 
+def demo_cells(row: dict) -> list[str]:
+    before, after = row["clean_acc_before"], row["clean_acc_after"]
+    return [f"`{row['config']}`", row["task"], f"{row['noise_rate']:g}", str(row["steps"]), _number(before, 3),
+            _number(after, 3), f"{after - before:+.3f}", _number(row["wall_seconds"], 0), str(row["threads"])]
+
+
+def demo_caption(meta: dict, rows: list[dict]) -> str:
+    machine = meta.get("machine", {})
+    return (f"_Clean accuracy = greedy decoding on {rows[0]['num_val']} held-out questions scored against their "
+            f"clean labels, before training and after the last step; wall time of the whole fit (model load "
+            f"included) on {machine.get('cpu_count', '?')} CPUs, torch {machine.get('torch', '?')}; "
+            f"{_dates(meta, rows)}, `{meta.get('command', '?')}`._")
+
+
 def throughput_cells(row: dict) -> list[str]:
     return [row["run"], str(row["num_generations"]), str(row["prompts"]), str(row["max_new_tokens"]),
             _number(row["seconds_per_optimizer_step"], 2), _number(row["generation_seconds"], 2),
@@ -273,6 +287,12 @@ TABLES: dict[str, Table] = {
                  "noisy-label agreement"),
         cells=noise_cells, sort_key=noise_sort_key, caption=noise_caption,
         producer="python benchmarks/noise_study.py --mode reduced --out benchmarks/results/noise_study.json"),
+    "grpo_demo": Table(
+        results="benchmarks/results/grpo_demo.json",
+        headers=("config", "task", "label noise", "steps", "clean acc before", "clean acc after", "Δ", "wall s",
+                 "threads"),
+        cells=demo_cells, sort_key=lambda row: row["run"], caption=demo_caption,
+        producer="python benchmarks/grpo_demo.py --out benchmarks/results/grpo_demo.json"),
     "grpo_throughput": Table(
         results="benchmarks/results/grpo_throughput.json",
         headers=("run", "G", "prompts", "max new tokens", "s / optimizer step", "generation s", "update s",

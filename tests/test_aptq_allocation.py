@@ -291,3 +291,23 @@ def test_bad_allocation_inputs_raise_naming_the_option(palette, target, solver, 
     params, omega = _modules([2, 4])
     with pytest.raises(ValueError, match=match):
         allocate_bits(params, omega, palette, target, solver=solver)
+
+
+@pytest.mark.parametrize("p", ["q", "k", "v"])
+def test_o_proj_probe_space_measures_the_error_after_o_proj(p: str) -> None:
+    """``out_weight`` moves the probes behind o_proj: with W_o = I nothing changes; with an orthogonal W_o the
+    Gauss–Newton estimate is unchanged in expectation (the exact gram trace over many probes agrees); with
+    W_o = 3·I every trace is 9 times larger (the error is measured in o_proj's output units)."""
+    x, weights, cos, sin = _attention_toy()
+    width = HEADS.num_heads * HEADS.head_dim
+
+    def trace(out_weight, n_probes=4, reduce="token_diag"):
+        return qkv_statistics(x, weights, HEADS, cos=cos, sin=sin, n_probes=n_probes, reduce=reduce,
+                              generator=torch.Generator().manual_seed(6), out_weight=out_weight).trace(p)
+
+    plain = trace(None)
+    assert trace(torch.eye(width, dtype=F64)) == pytest.approx(plain, rel=1e-12)
+    assert trace(3 * torch.eye(width, dtype=F64)) == pytest.approx(9 * plain, rel=1e-12)
+    rotation = torch.linalg.qr(torch.randn(width, width, generator=torch.Generator().manual_seed(7), dtype=F64))[0]
+    many = [trace(w, n_probes=3000, reduce="gram") for w in (None, rotation)]
+    assert many[1] == pytest.approx(many[0], rel=0.05)
