@@ -347,3 +347,9 @@ def test_weighted_sum_registry_and_import_paths() -> None:
                           (lambda: RewardSet(["accuracy", "format"], [1.0]), "weights")]:  # fmt: skip
         with pytest.raises(ValueError, match=message):
             call()
+
+
+def test_rewards_not_divisible_into_groups_are_refused() -> None:
+    """7 rewards cannot come from groups of G = 3: one clear error instead of a silently misaligned reshape."""
+    with pytest.raises(ValueError, match=r"divisible by group_size=3: \(7,\)"):
+        group_advantages(torch.arange(7.0), group_size=3)
