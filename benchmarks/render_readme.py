@@ -36,6 +36,7 @@ class Table:
     sort_key: Callable[[dict], Any]
     caption: Callable[[dict, list[dict]], str]  # (meta, rows) -> one line under the table
     producer: str  # the command that writes ``results``, shown while there are none
+    regroup: Callable[[list[dict]], list[dict]] | None = None  # rows -> table rows (a pivot), before sorting
 
 
 # -- pruning ---------------------------------------------------------------------------------------
@@ -264,6 +265,63 @@ def throughput_caption(meta: dict, rows: list[dict]) -> str:
             f"`{meta.get('command', '?')}`._")
 
 
+# -- strategies ------------------------------------------------------------------------------------
+STRATEGY_COLUMNS = ("auto", "ddp", "fsdp", "deepspeed")
+CAPABILITY_NAMES = {"evaluate": "`CausalLM` evaluation", "prune": "`Pruning` (Wanda + LLM-Barber)",
+                    "quantize": "`Quantization` (APTQ mixed precision)", "grpo": "`GRPOModule` fit"}
+# The tests behind a "tested" cell: single device, the capability's own test module; ddp, the test that compares
+# the 2-process result with the single-process one (not just that it runs).
+_DDP = "tests/test_distributed.py::"
+STRATEGY_TESTS = {("evaluate", "auto"): "tests/test_causal_lm.py", ("prune", "auto"): "tests/test_pruning_callback.py",
+                  ("quantize", "auto"): "tests/test_quant_callback.py", ("grpo", "auto"): "tests/test_grpo_module.py",
+                  ("evaluate", "ddp"): _DDP + "test_ddp_perplexity_shards_without_padding_and_matches_single_process",
+                  ("prune", "ddp"): _DDP + "test_ddp_compression_matches_single_process",
+                  ("quantize", "ddp"): _DDP + "test_ddp_compression_matches_single_process",
+                  ("grpo", "ddp"): _DDP + "test_grpo_ddp_fit_keeps_identical_weights_on_both_ranks"}
+
+
+def strategy_rows(rows: list[dict]) -> list[dict]:
+    """One table row per capability with its check result per strategy."""
+    table: dict[str, dict] = {}
+    for row in rows:
+        table.setdefault(row["capability"], {"capability": row["capability"]})[row["strategy"]] = row
+    return list(table.values())
+
+
+def strategy_cell(capability: str, cell: dict | None) -> str:
+    if cell is None:
+        return "not checked"
+    test = STRATEGY_TESTS.get((capability, cell["strategy"]))
+    text = {"ok": "runs", "refused": "refused", "failed": "**fails**"}[cell["outcome"]]
+    if cell["outcome"] != "ok":
+        text += f": {_short_reason(cell['message'])}"
+    return text + (f"; tested: `{test}`" if test else "")
+
+
+def _short_reason(message: str) -> str:
+    for marker, reason in (("requires a GPU accelerator", "Lightning allows FSDP on GPUs only"),
+                           ("must have DeepSpeed installed", "DeepSpeed is not installed"),
+                           ("does not support the", "sharded weights (message names strategy and alternative)")):
+        if marker in message:
+            return reason
+    return message.split(": ", 1)[-1][:120]
+
+
+def strategy_cells(row: dict) -> list[str]:
+    return [CAPABILITY_NAMES.get(row["capability"], row["capability"]),
+            *(strategy_cell(row["capability"], row.get(s)) for s in STRATEGY_COLUMNS)]
+
+
+def strategy_caption(meta: dict, rows: list[dict]) -> str:
+    cells = [c for r in rows for c in r.values() if isinstance(c, dict)]
+    accelerators = sorted({c["accelerator"] for c in cells})
+    devices = sorted({f"{c['strategy']} {c['devices']}" for c in cells if c["strategy"] != "auto"})
+    return (f"_Each cell ran `litforge` on {meta.get('model', '?')} with check-size data ({', '.join(accelerators)}; "
+            f"devices: {', '.join(devices)}); \"runs\" = exit 0, \"refused\" = stopped before any work with "
+            f"the message summarised; \"tested\" names the tests (for ddp, a comparison with the 1-process "
+            f"result); {_dates(meta, cells)}, `{meta.get('command', '?')}`._")
+
+
 TABLES: dict[str, Table] = {
     "pruning": Table(
         results="benchmarks/results/pruning.json",
@@ -287,6 +345,12 @@ TABLES: dict[str, Table] = {
                  "noisy-label agreement"),
         cells=noise_cells, sort_key=noise_sort_key, caption=noise_caption,
         producer="python benchmarks/noise_study.py --mode reduced --out benchmarks/results/noise_study.json"),
+    "strategies": Table(
+        results="benchmarks/results/strategy_check.json",
+        headers=("capability", "single device", "ddp", "fsdp", "deepspeed"),
+        cells=strategy_cells, sort_key=lambda row: list(CAPABILITY_NAMES).index(row["capability"]),
+        caption=strategy_caption, regroup=strategy_rows,
+        producer="python benchmarks/strategy_check.py --out benchmarks/results/strategy_check.json"),
     "grpo_demo": Table(
         results="benchmarks/results/grpo_demo.json",
         headers=("config", "task", "label noise", "steps", "clean acc before", "clean acc after", "Δ", "wall s",
@@ -312,7 +376,8 @@ def markdown_table(headers: tuple[str, ...], rows: list[list[str]]) -> str:
 def render_table(table: Table, results: Path) -> str:
     """The text between a table's markers: the table and its caption, or a note while there are no rows."""
     payload = read_results(results)
-    rows = sorted(payload["rows"], key=table.sort_key)
+    rows = payload["rows"] if table.regroup is None or not payload["rows"] else table.regroup(payload["rows"])
+    rows = sorted(rows, key=table.sort_key)
     if not rows:
         return f"\n_No results yet: run `{table.producer}`, then `python benchmarks/render_readme.py`._\n"
     body = markdown_table(table.headers, [table.cells(r) for r in rows])
