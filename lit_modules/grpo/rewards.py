@@ -128,9 +128,11 @@ class Accuracy:
         """Reward of one completion against one label."""
         if label is None:
             return None
-        pred = extract_answer(completion, self.last_number)
         if isinstance(label, (list, tuple)) and len(label) == 4:
-            return float(_point_in_box(pred, label))
+            # A point is two numbers: the answer span if the completion marks one, else the whole text ("the last
+            # number" would keep only y).
+            return float(_point_in_box(extract_answer(completion, last_number=False) or completion, label))
+        pred = extract_answer(completion, self.last_number)
         return float(answers_match(pred, label, self.rel_tol, self.abs_tol))
 
     def __call__(self, prompts: list, completions: list[str], **columns: Any) -> list[float | None]:
