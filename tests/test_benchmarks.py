@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 import json
 
 import pytest
@@ -168,19 +167,19 @@ def test_unknown_pruning_run_names_are_refused():
     from benchmarks import pruning
 
     with pytest.raises(SystemExit, match="unknown run"):
-        pruning.selected_runs("full", ["wanda-3of7"])
+        pruning.BENCHMARK.selected_runs("full", ["wanda-3of7"])
 
 
 def test_merging_runs_keeps_the_first_command_and_refuses_another_mode(tmp_path):
-    from benchmarks import pruning
+    from benchmarks.driver import merged_meta
 
     path = tmp_path / "r.json"
-    assert pruning.merged_meta(path, {"mode": "full", "date": "d1", "command": "first"})["command"] == "first"
+    assert merged_meta(path, {"mode": "full", "date": "d1", "command": "first"})["command"] == "first"
     write_results(path, [row("dense", None, 1.0)], {"mode": "full", "date": "d1", "command": "first"})
-    meta = pruning.merged_meta(path, {"mode": "full", "date": "d2", "command": "second --runs x"})
+    meta = merged_meta(path, {"mode": "full", "date": "d2", "command": "second --runs x"})
     assert meta["command"] == "first" and meta["updates"] == [{"date": "d2", "command": "second --runs x"}]
     with pytest.raises(SystemExit, match="cannot merge"):
-        pruning.merged_meta(path, {"mode": "quick", "date": "d3", "command": "third"})
+        merged_meta(path, {"mode": "quick", "date": "d3", "command": "third"})
 
 
 def test_caption_spans_the_days_rows_were_measured():
@@ -225,7 +224,8 @@ def qrow(method, ppl, bits=None, group_size=-1, target=None, candidates=None, av
             "allocation": (allocation or "sensitivity") if mixed else None,
             "attention_aware": (True if attention_aware is None else attention_aware) if method == "aptq" else None,
             "ppl": ppl, "seconds": 0.0 if dense else 56.78, "peak_rss_mb": 1500.2, "forward_seconds": 2.345,
-            "config": None if dense else {"method": method, **GRID}}
+            "config": None if dense else {"method": method, **GRID},
+            "summary": {"pass1_seconds": 12.34} if mixed else {}}
 
 
 QROWS = [qrow("aptq", 30.0, target=3.5, candidates=[2, 4], avg=3.4987, run="aptq-avg3.5"),
@@ -255,11 +255,11 @@ def quant_table_lines(tmp_path, rows, meta=QUANT_META):
 def test_quantization_table_formats_sorts_and_captions(tmp_path):
     code, lines = quant_table_lines(tmp_path, QROWS)
     assert code == 0
-    assert lines[0] == ("| method | bits | group size | allocation | ppl | compression s | peak RSS MB | "
-                        "forward s |")
+    assert lines[0] == ("| method | bits | group size | allocation | ppl | compression s | of which pass 1 s | "
+                        "peak RSS MB | forward s |")
     table = [line.split(" | ") for line in lines[2:2 + len(QROWS)]]
-    assert lines[2] == "| dense | — | — | — | 13.29 | — | 1500 | 2.35 |"
-    assert lines[3] == "| gptq | 4 | per channel | uniform | 16.00 | 56.8 | 1500 | 2.35 |"
+    assert lines[2] == "| dense | — | — | — | 13.29 | — | — | 1500 | 2.35 |"
+    assert lines[3] == "| gptq | 4 | per channel | uniform | 16.00 | 56.8 | — | 1500 | 2.35 |"
     # Uniform widths (widest first, per channel before groups, RTN/GPTQ/APTQ), then the mixed budgets
     # (largest first), each APTQ row followed by its ablations; the target shows where the average misses it.
     assert [(cells[0].lstrip("| "), cells[1], cells[2]) for cells in table[2:]] == [
@@ -269,6 +269,7 @@ def test_quantization_table_formats_sorts_and_captions(tmp_path):
         ("aptq", "avg 3.49 of {2,4} (target 3.5)", "per channel"), ("aptq", "avg 3.00 of {2,3,4}", "per channel")]
     assert [cells[3] for cells in table[6:9]] == ["sensitivity", "by module type (ablation)",
                                                   "sensitivity, plain q/k/v Hessians (ablation)"]
+    assert [cells[6] for cells in table[5:7]] == ["—", "12.3"]  # pass 1 only where a plan was computed
     caption = lines[-1]
     assert caption.startswith("_Mode full: smollm2-135m-instruct, calibration 16 × 512 tokens (uniform RTN uses "
                               "none), evaluation 32 windows of 512 (wiki-leads); dense = the shipped Q4_1")

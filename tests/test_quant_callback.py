@@ -81,6 +81,7 @@ def test_mixed_precision_meets_the_budget_and_couples_fused_modules(tmp_path, ti
         assert len({records[prefix + f"self_attn.{p}_proj"]["bits"] for p in "qkv"}) == 1
         assert records[prefix + "mlp.gate_proj"]["bits"] == records[prefix + "mlp.up_proj"]["bits"]
     assert all({"trace", "omega", "rtn_err"} <= set(r) for r in records.values())
+    assert callback.report["summary"]["pass1_seconds"] > 0
     if allocation == "by_type":
         for kind in ("o_proj", "down_proj"):
             assert len({r["bits"] for n, r in records.items() if n.endswith(kind)}) == 1

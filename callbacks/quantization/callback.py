@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import time
 from typing import Any, Literal
 
 import torch
@@ -138,13 +139,16 @@ class Quantization(CompressionCallback):
         sensitivities: dict[str, dict[str, Any]] = {}
         bits = {f"{layers_name}.{i}.{n}": self.bits for i, t in enumerate(targets) for n in t}
         if self.target_avg_bits is not None:
+            started = time.perf_counter()
             sensitivities = self._pass1(engine, model, layers_name, targets, base)
+            pass1_seconds = time.perf_counter() - started
             plan = allocate({n: s["params"] for n, s in sensitivities.items()},
                             {n: s["omega"] for n, s in sensitivities.items()}, self.palette, self.target_avg_bits,
                             self.allocation, self.couple)
             bits = plan.bits
             self.plan = {"avg_bits": plan.avg_bits, "target_avg_bits": plan.target_avg_bits,
-                         "objective": plan.objective, "solver": plan.solver, "unit_bits": plan.unit_bits}
+                         "objective": plan.objective, "solver": plan.solver, "unit_bits": plan.unit_bits,
+                         "pass1_seconds": pass1_seconds}
         records = self._pass2(engine, model, layers_name, targets, base, bits)
         for record in records:
             record.update({k: v for k, v in sensitivities.get(record["name"], {}).items() if k not in record})
@@ -234,7 +238,9 @@ class Quantization(CompressionCallback):
         summary = {"modules": len(records), "avg_bits": sum(r["bits"] * r["params"] for r in records) / max(params, 1),
                    "fallbacks": sum(bool(r.get("fallback")) for r in records)}
         if self.plan is not None:
-            summary.update(target_avg_bits=self.plan["target_avg_bits"], objective=self.plan["objective"])
+            # What the sensitivity pass (traces + RTN errors at every width) adds to the quantizing pass.
+            summary.update(target_avg_bits=self.plan["target_avg_bits"], objective=self.plan["objective"],
+                           pass1_seconds=self.plan["pass1_seconds"])
         return summary
 
     def _export(self, trainer: Trainer, pl_module: LightningModule) -> None:
