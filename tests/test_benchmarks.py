@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from benchmarks import render_readme
+from benchmarks import render_readme, tables_compression
 from benchmarks.common import REPO_ROOT, atomic_write_text, merge_rows, peak_rss_mb, read_results, write_results
 
 META = {"mode": "full", "model": "smollm2-135m-instruct", "eval_seqlen": 512, "date": "2025-01-02T03:04:05+00:00",
@@ -185,7 +185,7 @@ def test_merging_runs_keeps_the_first_command_and_refuses_another_mode(tmp_path)
 def test_caption_spans_the_days_rows_were_measured():
     rows = [{**row("dense", None, 1.0), "date": "2025-01-02T00:00:00"},
             {**row("wanda", "2:4", 2.0), "date": "2025-01-05T00:00:00"}]
-    assert "2025-01-02 to 2025-01-05" in render_readme.pruning_caption(META, rows)
+    assert "2025-01-02 to 2025-01-05" in tables_compression.pruning_caption(META, rows)
 
 
 def test_forward_seconds_runs_each_window_once_at_batch_one_without_grad():
@@ -280,12 +280,12 @@ def test_quantization_table_formats_sorts_and_captions(tmp_path):
 def test_quantization_caption_names_the_grid_the_rows_share():
     rtn = {**qrow("rtn", 2.0, bits=3), "config": {"method": "rtn", **GRID, "act_order": False}}
     rows = [qrow("gptq", 1.0, bits=3), rtn]
-    assert render_readme.grid_note(rows) == ("asymmetric min-max quantizer "
+    assert tables_compression.grid_note(rows) == ("asymmetric min-max quantizer "
                                              "(GPTQ/APTQ: act-order, static-groups, true-sequential)")
     rows[0]["config"] = {**GRID, "symmetric": True, "act_order": False}
-    assert render_readme.grid_note(rows) == ("symmetric/asymmetric min-max quantizer "
+    assert tables_compression.grid_note(rows) == ("symmetric/asymmetric min-max quantizer "
                                              "(GPTQ/APTQ: static-groups, true-sequential)")
-    assert render_readme.grid_note([qrow("dense", 1.0)]) == "asymmetric min-max quantizer"  # the defaults
+    assert tables_compression.grid_note([qrow("dense", 1.0)]) == "asymmetric min-max quantizer"  # the defaults
 
 
 def test_quantization_caption_gives_the_threads_the_rows_ran_with(tmp_path):

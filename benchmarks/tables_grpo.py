@@ -1,0 +1,157 @@
+"""README tables of the GRPO benchmarks (demo, noise study, throughput) and of the strategy check."""
+
+from __future__ import annotations
+
+
+from benchmarks.table_format import DASH, Table, dates, number, order
+
+
+# -- GRPO ------------------------------------------------------------------------------------------
+NOISE_METHODS = ("vanilla", "phased", "min_only", "max_only", "reversed", "rent", "intuitor", "ttrl")
+
+
+def noise_cells(row: dict) -> list[str]:
+    before, after = row["clean_acc_before"], row["clean_acc_after"]
+    entropies = [s["entropy"] for s in row.get("train_curves", []) if "entropy" in s]
+    agreement = [s["noisy_label_agreement"] for s in row.get("train_curves", []) if "noisy_label_agreement" in s]
+    return [row["method"], f"{row['noise_rate']:g}", str(row["seed"]), number(before, 3), number(after, 3),
+            f"{after - before:+.3f}", number(row.get("clean_acc_auc"), 3),
+            number(entropies[-1], 3) if entropies else DASH, number(agreement[-1], 3) if agreement else DASH]
+
+
+def noise_sort_key(row: dict) -> tuple:
+    return (row["noise_rate"], order(NOISE_METHODS, row["method"]), row["method"], row["seed"])
+
+
+def noise_caption(meta: dict, rows: list[dict]) -> str:
+    settings = meta.get("settings", {})
+    methods = sorted({r["method"] for r in rows}, key=lambda m: order(NOISE_METHODS, m))
+    rates = sorted({r["noise_rate"] for r in rows})
+    seeds = sorted({r["seed"] for r in rows})
+    machine = meta.get("machine", {})
+    return (f"_Mode {meta.get('mode', '?')}: grid actually run = methods {', '.join(methods)} × noise "
+            f"{', '.join(f'{r:g}' for r in rates)} × seeds {', '.join(map(str, seeds))}; {meta.get('model', '?')} "
+            f"on {meta.get('task', '?')} with near-miss label noise, {settings.get('steps', '?')} optimizer steps of "
+            f"{settings.get('prompts_per_batch', '?')} prompts × G={settings.get('num_generations', '?')}, "
+            f"lr {settings.get('learning_rate', '?')}, λ={meta.get('lambda', '?')}; clean accuracy = greedy decoding "
+            f"on {settings.get('num_val', '?')} held-out questions with clean labels, before training and after the "
+            f"last step; AUC = mean over the validations; entropy and noisy-label agreement (corrupted training rows "
+            f"whose label the policy reproduced) at the last step; {machine.get('cpu_count', '?')} CPUs, "
+            f"torch {machine.get('torch', '?')}; {dates(meta, rows)}, `{meta.get('command', '?')}`._")
+
+
+def demo_cells(row: dict) -> list[str]:
+    before, after = row["clean_acc_before"], row["clean_acc_after"]
+    return [f"`{row['config']}`", row["task"], f"{row['noise_rate']:g}", str(row["steps"]), number(before, 3),
+            number(after, 3), f"{after - before:+.3f}", number(row["wall_seconds"], 0), str(row["threads"])]
+
+
+def demo_caption(meta: dict, rows: list[dict]) -> str:
+    machine = meta.get("machine", {})
+    return (f"_Clean accuracy = greedy decoding on {rows[0]['num_val']} held-out questions scored against their "
+            f"clean labels, before training and after the last step; wall time of the whole fit (model load "
+            f"included) on {machine.get('cpu_count', '?')} CPUs, torch {machine.get('torch', '?')}; "
+            f"{dates(meta, rows)}, `{meta.get('command', '?')}`._")
+
+
+def throughput_cells(row: dict) -> list[str]:
+    return [row["run"], str(row["num_generations"]), str(row["prompts"]), str(row["max_new_tokens"]),
+            number(row["seconds_per_optimizer_step"], 2), number(row["generation_seconds"], 2),
+            number(row["update_seconds"], 2), number(row["completion_tokens"], 0),
+            number(row["completion_tokens_per_second"], 1), number(row["peak_rss_mb"], 0)]
+
+
+def throughput_caption(meta: dict, rows: list[dict]) -> str:
+    machine = meta.get("machine", {})
+    devices = sorted({r.get("device", "?") for r in rows})
+    return (f"_Mode {meta.get('mode', '?')}: {meta.get('model', '?')}, fp32 on {', '.join(devices)}, "
+            f"{machine.get('cpu_count', '?')} CPUs / {machine.get('threads', '?')} threads, torch "
+            f"{machine.get('torch', '?')}; mean over {meta.get('settings', {}).get('batches', '?')} generated batches "
+            f"after 1 warm-up; generation and update are per generated batch (μ optimizer steps share one); "
+            f"completion tokens = mean tokens generated per batch (EOS included); {dates(meta, rows)}, "
+            f"`{meta.get('command', '?')}`._")
+
+
+# -- strategies ------------------------------------------------------------------------------------
+STRATEGY_COLUMNS = ("auto", "ddp", "fsdp", "deepspeed")
+CAPABILITY_NAMES = {"evaluate": "`CausalLM` evaluation", "prune": "`Pruning` (Wanda + LLM-Barber)",
+                    "quantize": "`Quantization` (APTQ mixed precision)", "grpo": "`GRPOModule` fit"}
+# The tests behind a "tested" cell: single device, the capability's own test module; ddp, the test that compares
+# the 2-process result with the single-process one (not just that it runs).
+_DDP = "tests/test_distributed.py::"
+STRATEGY_TESTS = {("evaluate", "auto"): "tests/test_causal_lm.py", ("prune", "auto"): "tests/test_pruning_callback.py",
+                  ("quantize", "auto"): "tests/test_quant_callback.py", ("grpo", "auto"): "tests/test_grpo_module.py",
+                  ("evaluate", "ddp"): _DDP + "test_ddp_perplexity_shards_without_padding_and_matches_single_process",
+                  ("prune", "ddp"): _DDP + "test_ddp_compression_matches_single_process",
+                  ("quantize", "ddp"): _DDP + "test_ddp_compression_matches_single_process",
+                  ("grpo", "ddp"): _DDP + "test_grpo_ddp_fit_keeps_identical_weights_on_both_ranks"}
+
+
+def strategy_rows(rows: list[dict]) -> list[dict]:
+    """One table row per capability with its check result per strategy."""
+    table: dict[str, dict] = {}
+    for row in rows:
+        table.setdefault(row["capability"], {"capability": row["capability"]})[row["strategy"]] = row
+    return list(table.values())
+
+
+def strategy_cell(capability: str, cell: dict | None) -> str:
+    if cell is None:
+        return "not checked"
+    test = STRATEGY_TESTS.get((capability, cell["strategy"]))
+    text = {"ok": "runs", "refused": "refused", "failed": "**fails**"}[cell["outcome"]]
+    if cell["outcome"] != "ok":
+        text += f": {_short_reason(cell['message'])}"
+    return text + (f"; tested: `{test}`" if test else "")
+
+
+def _short_reason(message: str) -> str:
+    for marker, reason in (("requires a GPU accelerator", "Lightning allows FSDP on GPUs only"),
+                           ("must have DeepSpeed installed", "DeepSpeed is not installed"),
+                           ("does not support the", "sharded weights (message names strategy and alternative)")):
+        if marker in message:
+            return reason
+    return message.split(": ", 1)[-1][:120]
+
+
+def strategy_cells(row: dict) -> list[str]:
+    return [CAPABILITY_NAMES.get(row["capability"], row["capability"]),
+            *(strategy_cell(row["capability"], row.get(s)) for s in STRATEGY_COLUMNS)]
+
+
+def strategy_caption(meta: dict, rows: list[dict]) -> str:
+    cells = [c for r in rows for c in r.values() if isinstance(c, dict)]
+    accelerators = sorted({c["accelerator"] for c in cells})
+    devices = sorted({f"{c['strategy']} {c['devices']}" for c in cells if c["strategy"] != "auto"})
+    return (f"_Each cell ran `litforge` on {meta.get('model', '?')} with check-size data ({', '.join(accelerators)}; "
+            f"devices: {', '.join(devices)}); \"runs\" = exit 0, \"refused\" = stopped before any work with "
+            f"the message summarised; \"tested\" names the tests (for ddp, a comparison with the 1-process "
+            f"result); {dates(meta, cells)}, `{meta.get('command', '?')}`._")
+
+
+TABLES: dict[str, Table] = {
+    "noise_study": Table(
+        results="benchmarks/results/noise_study.json",
+        headers=("method", "noise", "seed", "clean acc before", "clean acc after", "Δ", "AUC", "entropy",
+                 "noisy-label agreement"),
+        cells=noise_cells, sort_key=noise_sort_key, caption=noise_caption,
+        producer="python benchmarks/noise_study.py --mode reduced --out benchmarks/results/noise_study.json"),
+    "strategies": Table(
+        results="benchmarks/results/strategy_check.json",
+        headers=("capability", "single device", "ddp", "fsdp", "deepspeed"),
+        cells=strategy_cells, sort_key=lambda row: list(CAPABILITY_NAMES).index(row["capability"]),
+        caption=strategy_caption, regroup=strategy_rows,
+        producer="python benchmarks/strategy_check.py --out benchmarks/results/strategy_check.json"),
+    "grpo_demo": Table(
+        results="benchmarks/results/grpo_demo.json",
+        headers=("config", "task", "label noise", "steps", "clean acc before", "clean acc after", "Δ", "wall s",
+                 "threads"),
+        cells=demo_cells, sort_key=lambda row: row["run"], caption=demo_caption,
+        producer="python benchmarks/grpo_demo.py --out benchmarks/results/grpo_demo.json"),
+    "grpo_throughput": Table(
+        results="benchmarks/results/grpo_throughput.json",
+        headers=("run", "G", "prompts", "max new tokens", "s / optimizer step", "generation s", "update s",
+                 "completion tokens", "completion tok/s", "peak RSS MB"),
+        cells=throughput_cells, sort_key=lambda row: row["run"], caption=throughput_caption,
+        producer="python benchmarks/grpo_throughput.py --out benchmarks/results/grpo_throughput.json"),
+}
