@@ -3,20 +3,16 @@
     python benchmarks/pruning.py --out benchmarks/results/pruning.json                 # full: 16 runs
     python benchmarks/pruning.py --quick --out benchmarks/results/pruning_quick.json   # 3 runs, < 10 min on 2 CPUs
     python benchmarks/pruning.py --out benchmarks/results/pruning.json --runs wanda-2of4   # re-measure, merge
+    python benchmarks/pruning.py --mode sweep --out benchmarks/results/pruning_sweep.json   # LLM-Barber tau/granularity
 
-Every run is a fresh child process (this script with ``--single``), so its peak RSS is its own and no
-run inherits another's allocator state. Rows are written after each run, so an interrupted benchmark keeps
-what it finished. ``python benchmarks/render_readme.py`` turns the full file into the README table.
+Every run is a fresh child process (``benchmarks/driver.py``), so its peak RSS is its own and no run
+inherits another's allocator state. Rows are written after each run, so an interrupted benchmark keeps what
+it finished. ``python benchmarks/render_readme.py`` turns the full file into the README table.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import subprocess
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +20,8 @@ from typing import Any
 # Run as a script, Python puts benchmarks/ (not the repository) on sys.path; the sibling module needs the latter.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (  # noqa: E402
-    Timer, compress_and_evaluate, metadata, now_iso, peak_rss_mb, read_results, write_results)
+from benchmarks.common import compress_and_evaluate, now_iso, peak_rss_mb  # noqa: E402
+from benchmarks.driver import Benchmark  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 EVAL_SEQLEN = 512
@@ -57,7 +53,11 @@ MODES = {
     # LLM-Barber's per-sample backward passes cost about the same for short windows, so nsamples is the lever.
     "quick": Settings(nsamples=4, calib_seqlen=128, eval_windows=4,
                       runs=("dense", "wanda-unstructured", "barber_wanda-unstructured")),
+    # LLM-Barber's threshold and granularity on Wanda's 50% unstructured mask, at the full table's sizes.
+    "sweep": Settings(nsamples=16, calib_seqlen=512, eval_windows=32, runs=None),
 }
+# The sweep's settings (granularity, τ); the full table's Wanda setting (output1, 0.01) is its reference row.
+SWEEP = (("output1", 0.05), ("output1", 0.1), ("layer", 0.05), ("block", 0.05))
 
 
 @dataclass(frozen=True)
@@ -85,12 +85,26 @@ def run_specs() -> dict[str, RunSpec]:
             if method != init:
                 kwargs.update(barber_options(init, pattern))
             specs[f"{method}-{pattern.replace(':', 'of')}"] = RunSpec(method, pattern, kwargs)
+    for granularity, threshold in SWEEP:
+        kwargs = {"method": "wanda", **PATTERNS["unstructured"], "barber": True, "barber_granularity": granularity,
+                  "barber_threshold": threshold}
+        specs[f"barber_wanda-unstructured-{granularity}-t{threshold}"] = RunSpec("barber_wanda", "unstructured", kwargs)
     return specs
+
+
+def mode_runs(mode: str) -> tuple[str, ...] | None:
+    """The runs a mode measures by default (None: the full table's, i.e. every run outside the sweep)."""
+    if mode == "sweep":
+        return ("wanda-unstructured", "barber_wanda-unstructured",
+                *(f"barber_wanda-unstructured-{g}-t{t}" for g, t in SWEEP))
+    return MODES[mode].runs or tuple(n for n in run_specs() if n.count("-") <= 1)
 
 
 # -- one run (in the child process) ----------------------------------------------------------------
 def measure(name: str, mode: str) -> dict[str, Any]:
     """Load the model, prune it through ``Trainer.validate`` and measure; returns one result row."""
+    import torch
+
     from callbacks.pruning.callback import Pruning
 
     spec, settings = run_specs()[name], MODES[mode]
@@ -103,7 +117,7 @@ def measure(name: str, mode: str) -> dict[str, Any]:
             "sparsity": report["summary"]["sparsity"] if report else 0.0, "ppl": run["ppl"],
             "seconds": report["seconds"] if report else 0.0, "peak_rss_mb": peak_rss_mb(),
             "forward_seconds": run["forward_seconds"], "wall_seconds": run["wall_seconds"],
-            "calib_nsamples": settings.nsamples, "calib_seqlen": settings.calib_seqlen,
+            "threads": torch.get_num_threads(), "calib_nsamples": settings.nsamples, "calib_seqlen": settings.calib_seqlen,
             "eval_windows": run["eval_windows"], "eval_seqlen": EVAL_SEQLEN,
             **_barber_fields(spec), "summary": report["summary"] if report else None, "date": now_iso()}
 
@@ -115,94 +129,17 @@ def _barber_fields(spec: RunSpec) -> dict[str, Any]:
             "barber_threshold": kwargs.get("barber_threshold") if barber else None}
 
 
-# -- the driver (in the parent process) ------------------------------------------------------------
-def run_child(name: str, mode: str) -> dict[str, Any]:
-    """Measure one run in a fresh interpreter; its output is shown only if it fails."""
-    with tempfile.TemporaryDirectory() as tmp:
-        row_file = Path(tmp) / "row.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--single", name, "--mode", mode,
-               "--row-file", str(row_file)]
-        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
-        if done.returncode != 0:
-            raise RuntimeError(f"run {name!r} failed (exit {done.returncode}):\n{done.stdout[-4000:]}")
-        return json.loads(row_file.read_text(encoding="utf-8"))
+# -- the driver (benchmarks/driver.py) ---------------------------------------------------------------
+def describe(row: dict[str, Any]) -> str:
+    return (f"ppl {row['ppl']:.2f}, sparsity {row['sparsity']:.3f}, compression {row['seconds']:.1f} s, "
+            f"peak RSS {row['peak_rss_mb']:.0f} MB, run {row['wall_seconds']:.0f} s")
 
 
-def selected_runs(mode: str, requested: list[str] | None) -> list[str]:
-    specs = run_specs()
-    names = requested or list(MODES[mode].runs or specs)
-    unknown = [n for n in names if n not in specs]
-    if unknown:
-        raise SystemExit(f"--runs: unknown run(s) {unknown}; allowed: {list(specs)}")
-    return names
-
-
-def merged_meta(out: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    """The header of a file that ``--runs`` updates: the first command stays, later ones are listed as updates.
-
-    Rows of different modes in one file would make one table mix settings, so that is refused.
-    """
-    old = read_results(out)["meta"]
-    if old.get("mode") not in (None, meta["mode"]):
-        raise SystemExit(f"--out {out} holds {old['mode']!r} rows; a {meta['mode']!r} run cannot merge into it "
-                         "(choose another --out, or omit --runs to overwrite it)")
-    if not old:
-        return meta
-    update = {"date": meta["date"], "command": meta["command"]}
-    return {**meta, "date": old.get("date", meta["date"]), "command": old.get("command", meta["command"]),
-            "updates": [*old.get("updates", []), update]}
-
-
-def drive(out: Path, mode: str, requested: list[str] | None) -> int:
-    names = selected_runs(mode, requested)
-    merge = requested is not None  # a subset updates the file; the whole set replaces it
-    meta = metadata(benchmark="pruning", mode=mode, model=MODEL, eval_seqlen=EVAL_SEQLEN,
-                    settings={k: v for k, v in asdict(MODES[mode]).items() if k != "runs"})
-    if merge:
-        meta = merged_meta(out, meta)
-    rows, failures = [], 0
-    with Timer() as total:
-        for i, name in enumerate(names, 1):
-            try:
-                row = run_child(name, mode)
-            except RuntimeError as error:
-                failures += 1
-                print(f"[{i}/{len(names)}] {error}", file=sys.stderr, flush=True)
-                continue
-            rows.append(row)
-            write_results(out, rows, meta, merge_key=("run",) if merge else None)
-            print(f"[{i}/{len(names)}] {name}: ppl {row['ppl']:.2f}, sparsity {row['sparsity']:.3f}, "
-                  f"compression {row['seconds']:.1f} s, peak RSS {row['peak_rss_mb']:.0f} MB, "
-                  f"run {row['wall_seconds']:.0f} s", file=sys.stderr, flush=True)
-    print(f"{len(rows)} run(s) in {total.seconds:.0f} s -> {out}", file=sys.stderr)
-    return 1 if failures else 0
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small settings and 3 runs, to check the script")
-    parser.add_argument("--out", type=Path, help="result JSON file")
-    parser.add_argument("--runs", nargs="+", metavar="NAME", help=f"only these runs (merged into --out): "
-                        f"{', '.join(run_specs())}")
-    # Internal: what the driver passes to each child process.
-    parser.add_argument("--single", help=argparse.SUPPRESS)
-    parser.add_argument("--mode", choices=sorted(MODES), help="settings (default full; --quick = quick)")
-    parser.add_argument("--row-file", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.single is None and args.out is None:
-        parser.error("--out is required")
-    return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.single is not None:
-        row = measure(args.single, args.mode or "full")
-        args.row_file.write_text(json.dumps(row, default=str), encoding="utf-8")
-        return 0
-    return drive(args.out, "quick" if args.quick else (args.mode or "full"), args.runs)
-
+BENCHMARK = Benchmark(
+    name="pruning", script=Path(__file__).resolve(), run_names=lambda: list(run_specs()),
+    modes={mode: mode_runs(mode) for mode in MODES}, measure=measure, describe=describe,
+    settings=lambda mode: {k: v for k, v in asdict(MODES[mode]).items() if k != "runs"},
+    header={"model": MODEL, "eval_seqlen": EVAL_SEQLEN})
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(BENCHMARK.main(doc=__doc__))

@@ -28,6 +28,14 @@ def _times_forward(row: dict) -> str:
 
 
 
+def sweep_cells(row: dict) -> list[str]:
+    """One LLM-Barber setting per row (Wanda's own mask as the reference)."""
+    barber = row.get("barber")
+    return [row["method"], row.get("barber_granularity") if barber else DASH,
+            f"{row['barber_threshold']:g}" if barber else DASH, number(row["ppl"], 3), number(row["seconds"], 1),
+            _times_forward(row)]
+
+
 def pruning_sort_key(row: dict) -> tuple:
     # Dense first, then grouped by pattern so each initial method sits next to its Barber rebuild.
     return (row["method"] != "dense", order(PRUNING_PATTERNS, row.get("pattern")),
@@ -162,6 +170,13 @@ TABLES: dict[str, Table] = {
         headers=("method", "pattern", "sparsity", "ppl", "compression s", "× forward", "peak RSS MB", "forward s"),
         cells=pruning_cells, sort_key=pruning_sort_key, caption=pruning_caption,
         producer="python benchmarks/pruning.py --mode calib128 --out benchmarks/results/pruning_calib128.json"),
+    "pruning_sweep": Table(
+        results="benchmarks/results/pruning_sweep.json",
+        headers=("method", "granularity", "τ", "ppl", "compression s", "× forward"),
+        cells=sweep_cells, sort_key=lambda row: (row["method"] != "wanda", row.get("barber_granularity") or "",
+                                                 row.get("barber_threshold") or 0.0),
+        caption=pruning_caption,
+        producer="python benchmarks/pruning.py --mode sweep --out benchmarks/results/pruning_sweep.json"),
     "quantization": Table(
         results="benchmarks/results/quantization.json",
         headers=("method", "bits", "group size", "allocation", "ppl", "compression s", "of which pass 1 s",
