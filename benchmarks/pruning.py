@@ -56,7 +56,7 @@ MODES = {
     # LLM-Barber's threshold and granularity on Wanda's 50% unstructured mask, at the full table's sizes.
     "sweep": Settings(nsamples=16, calib_seqlen=512, eval_windows=32, runs=None),
 }
-# The sweep's settings (granularity, τ); the full table's Wanda setting (output1, 0.01) is its reference row.
+# The sweep's settings (granularity, τ); the full table's Wanda and Barber(output1, τ = 0.01) rows are its references.
 SWEEP = (("output1", 0.05), ("output1", 0.1), ("layer", 0.05), ("block", 0.05))
 
 
@@ -94,9 +94,8 @@ def run_specs() -> dict[str, RunSpec]:
 
 def mode_runs(mode: str) -> tuple[str, ...] | None:
     """The runs a mode measures by default (None: the full table's, i.e. every run outside the sweep)."""
-    if mode == "sweep":
-        return ("wanda-unstructured", "barber_wanda-unstructured",
-                *(f"barber_wanda-unstructured-{g}-t{t}" for g, t in SWEEP))
+    if mode == "sweep":  # its references, Wanda and τ = 0.01, are the full table's rows
+        return tuple(f"barber_wanda-unstructured-{g}-t{t}" for g, t in SWEEP)
     return MODES[mode].runs or tuple(n for n in run_specs() if n.count("-") <= 1)
 
 
