@@ -116,7 +116,8 @@ def measure(name: str, mode: str) -> dict[str, Any]:
             "sparsity": report["summary"]["sparsity"] if report else 0.0, "ppl": run["ppl"],
             "seconds": report["seconds"] if report else 0.0, "peak_rss_mb": peak_rss_mb(),
             "forward_seconds": run["forward_seconds"], "wall_seconds": run["wall_seconds"],
-            "threads": torch.get_num_threads(), "calib_nsamples": settings.nsamples, "calib_seqlen": settings.calib_seqlen,
+            "threads": torch.get_num_threads(), "calib_nsamples": settings.nsamples,
+            "calib_seqlen": settings.calib_seqlen,
             "eval_windows": run["eval_windows"], "eval_seqlen": EVAL_SEQLEN,
             **_barber_fields(spec), "summary": report["summary"] if report else None, "date": now_iso()}
 

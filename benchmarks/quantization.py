@@ -5,7 +5,8 @@
     python benchmarks/quantization.py --out benchmarks/results/quantization.json --runs aptq-avg3.5   # re-measure
 
 Every run is a fresh child process (``benchmarks/driver.py``), so its peak RSS is its own; rows are written
-after each run; ``--runs`` merges into an existing file of the same mode. ``python benchmarks/render_readme.py`` turns the full file into the README table.
+after each run; ``--runs`` merges into an existing file of the same mode. ``python benchmarks/render_readme.py``
+turns the full file into the README table.
 
 The model ships as a Q4_1 GGUF (4-bit codes per block of 32 inputs; quantization spec §7), so "dense" is those
 weights dequantized, and 4-bit group-32 would be grid-aligned: no run uses it. Weights are fake-quantized (the
