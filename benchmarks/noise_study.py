@@ -165,7 +165,7 @@ def plot(result_file: Path, png: Path | None = None, focus_rate: float = 0.4) ->
             line, = middle.plot(steps, [s.get("entropy", float("nan")) for s in row["train_curves"]],
                                 label=row["method"])
             right.plot(steps, [s.get("entropy_coef", 0.0) for s in row["train_curves"]], color=line.get_color(),
-                       label=row["method"])
+                       label=row["method"], drawstyle="steps-post")  # λ is piecewise constant in the step
     middle.set(xlabel="optimizer step", ylabel="mean token entropy", title=f"Entropy at noise {focus_rate}")
     right.set(xlabel="optimizer step", ylabel="λ (entropy coefficient)", title="Schedule λ(s)")
     middle.legend(fontsize=8)

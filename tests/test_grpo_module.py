@@ -203,3 +203,14 @@ def test_resume_continues_entropy_schedule_and_keeps_checkpointed_total(tiny_mod
              max_steps=8, callbacks=[StopAt(3)], limit_val_batches=0)  # fmt: skip
     assert resumed.series("train/entropy_coef") == pytest.approx([schedule(2, 4)])
     assert schedule(2, 4) == pytest.approx(-0.02)
+
+
+def test_sharded_strategies_are_refused_naming_the_strategy_and_the_alternative():
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    from lit_modules.grpo.module import refuse_sharded_strategy
+
+    with pytest.raises(MisconfigurationException, match=r"FSDPStrategy strategy.*strategy='ddp'"):
+        refuse_sharded_strategy(FSDPStrategy())
+    refuse_sharded_strategy(DDPStrategy())  # replicated parameters: allowed

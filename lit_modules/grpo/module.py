@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import torch
 from lightning import LightningModule
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
@@ -51,6 +52,20 @@ from lit_modules.grpo.rollout import (
 log = logging.getLogger(__name__)
 
 RewardSpec = str | dict[str, Any] | Callable[..., list]
+
+
+# Strategies that shard the policy's parameters: generation under them is not implemented (nor tested) yet.
+SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+
+
+def refuse_sharded_strategy(strategy: object) -> None:
+    """One clear error, before any model is loaded, for a strategy GRPOModule cannot run under yet."""
+    refused = sorted({cls.__name__ for cls in type(strategy).__mro__} & set(SHARDED_STRATEGIES))
+    if refused:
+        raise MisconfigurationException(
+            f"GRPOModule does not support the {refused[0]} strategy yet: generating completions needs the full "
+            "parameters, and sampling with sharded ones is not implemented. Use strategy='ddp' (the policy is "
+            "replicated on every device; tested), or a single device.")
 
 
 def _require(ok: bool, option: str, value: Any, allowed: str) -> None:
@@ -164,6 +179,9 @@ class GRPOModule(LightningModule):
         self.clean_acc_history: list[tuple[int, float]] = []  # (optimizer step, val/clean_acc), for the summary
 
     # -- loading -----------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        refuse_sharded_strategy(self.trainer.strategy)  # Lightning calls setup before configure_model
+
     def configure_model(self) -> None:
         """Load the policy (and, for β > 0 only, a frozen reference copy) lazily, after option validation."""
         if self.model is not None:
