@@ -23,14 +23,24 @@ def noise_sort_key(row: dict) -> tuple:
     return (row["noise_rate"], order(NOISE_METHODS, row["method"]), row["method"], row["seed"])
 
 
+def grid_note(rows: list[dict]) -> str:
+    """``methods × noise × seeds``, one part per set of seeds when not every rate was run with the same ones."""
+    methods = sorted({r["method"] for r in rows}, key=lambda m: order(NOISE_METHODS, m))
+    seeds_by_rate: dict[float, set[int]] = {}
+    for row in rows:
+        seeds_by_rate.setdefault(row["noise_rate"], set()).add(row["seed"])
+    parts: dict[tuple[int, ...], list[float]] = {}
+    for rate, seeds in sorted(seeds_by_rate.items()):
+        parts.setdefault(tuple(sorted(seeds)), []).append(rate)
+    grid = [f"noise {', '.join(f'{r:g}' for r in rates)} × seed{'s' if len(seeds) > 1 else ''} "
+            f"{', '.join(map(str, seeds))}" for seeds, rates in parts.items()]
+    return f"methods {', '.join(methods)} × ({'; '.join(grid)})"
+
+
 def noise_caption(meta: dict, rows: list[dict]) -> str:
     settings = meta.get("settings", {})
-    methods = sorted({r["method"] for r in rows}, key=lambda m: order(NOISE_METHODS, m))
-    rates = sorted({r["noise_rate"] for r in rows})
-    seeds = sorted({r["seed"] for r in rows})
     machine = meta.get("machine", {})
-    return (f"_Mode {meta.get('mode', '?')}: grid actually run = methods {', '.join(methods)} × noise "
-            f"{', '.join(f'{r:g}' for r in rates)} × seeds {', '.join(map(str, seeds))}; {meta.get('model', '?')} "
+    return (f"_Mode {meta.get('mode', '?')}: grid actually run = {grid_note(rows)}; {meta.get('model', '?')} "
             f"on {meta.get('task', '?')} with near-miss label noise, {settings.get('steps', '?')} optimizer steps of "
             f"{settings.get('prompts_per_batch', '?')} prompts × G={settings.get('num_generations', '?')}, "
             f"lr {settings.get('learning_rate', '?')}, λ={meta.get('lambda', '?')}; clean accuracy = greedy decoding "

@@ -66,7 +66,11 @@ def test_noise_table_lists_every_run_with_its_gain_and_the_grid_in_the_caption(t
     assert lines == ["| phased | 0 | 0 | 0.700 | 0.950 | +0.250 | 0.825 | 0.500 | 0.100 |",
                      "| vanilla | 0.4 | 0 | 0.700 | 0.600 | -0.100 | 0.650 | 0.500 | 0.100 |",
                      "| phased | 0.4 | 0 | 0.700 | 0.925 | +0.225 | 0.812 | 0.500 | 0.100 |"]
-    assert "methods vanilla, phased × noise 0, 0.4 × seeds 0" in text
+    assert "methods vanilla, phased × (noise 0, 0.4 × seed 0)" in text
+    rows.append(study_row("phased", 0.4, 1, 0.7, 0.9))
+    write_results(results, rows, META)
+    text = render_readme.render_table(render_readme.TABLES["noise_study"], results)
+    assert "methods vanilla, phased × (noise 0 × seed 0; noise 0.4 × seeds 0, 1)" in text
 
 
 def test_demo_and_throughput_tables_render_their_rows(tmp_path):
