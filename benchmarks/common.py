@@ -15,7 +15,8 @@ import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -172,3 +173,34 @@ def compress_and_evaluate(callback_factory, model: str, nsamples: int, calib_seq
         forward = forward_seconds(module.model, calibration.calibration_windows())
     return {"ppl": metrics["val/ppl"], "report": callback.report if callback else None, "forward_seconds": forward,
             "wall_seconds": wall.seconds, "eval_windows": len(data.eval_windows())}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The sizes of a compression benchmark mode, and the runs it measures by default."""
+
+    nsamples: int
+    calib_seqlen: int
+    eval_windows: int
+    runs: tuple[str, ...] | None  # None: every run
+
+    def header(self) -> dict[str, Any]:
+        """The sizes, as recorded in a result file's header (the run list is not a setting)."""
+        return {k: v for k, v in asdict(self).items() if k != "runs"}
+
+
+def measure_compression(callback_factory: Callable, model: str, settings: Settings, eval_seqlen: int
+                        ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """One run of :func:`compress_and_evaluate` at ``settings``: the row fields every compression benchmark
+    records (perplexity, compression seconds, memory, timings, sizes), and the callback's report."""
+    import torch
+
+    run = compress_and_evaluate(callback_factory, model, settings.nsamples, settings.calib_seqlen, eval_seqlen,
+                                settings.eval_windows)
+    report = run["report"]
+    fields = {"ppl": run["ppl"], "seconds": report["seconds"] if report else 0.0, "peak_rss_mb": peak_rss_mb(),
+              "forward_seconds": run["forward_seconds"], "wall_seconds": run["wall_seconds"],
+              "threads": torch.get_num_threads(), "calib_nsamples": settings.nsamples,
+              "calib_seqlen": settings.calib_seqlen, "eval_windows": run["eval_windows"], "eval_seqlen": eval_seqlen,
+              "summary": report["summary"] if report else None, "date": now_iso()}
+    return fields, report

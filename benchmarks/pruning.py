@@ -13,14 +13,14 @@ it finished. ``python benchmarks/render_readme.py`` turns the full file into the
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 # Run as a script, Python puts benchmarks/ (not the repository) on sys.path; the sibling module needs the latter.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import compress_and_evaluate, now_iso, peak_rss_mb  # noqa: E402
+from benchmarks.common import Settings, measure_compression  # noqa: E402
 from benchmarks.driver import Benchmark  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
@@ -31,14 +31,6 @@ PATTERNS: dict[str, dict[str, Any]] = {
     "2:4": {"sparsity_type": "2:4"},
     "4:8": {"sparsity_type": "4:8"},
 }
-
-
-@dataclass(frozen=True)
-class Settings:
-    nsamples: int
-    calib_seqlen: int
-    eval_windows: int
-    runs: tuple[str, ...] | None  # None: every run
 
 
 MODES = {
@@ -102,24 +94,15 @@ def mode_runs(mode: str) -> tuple[str, ...] | None:
 # -- one run (in the child process) ----------------------------------------------------------------
 def measure(name: str, mode: str) -> dict[str, Any]:
     """Load the model, prune it through ``Trainer.validate`` and measure; returns one result row."""
-    import torch
-
     from callbacks.pruning.callback import Pruning
 
-    spec, settings = run_specs()[name], MODES[mode]
-    run = compress_and_evaluate(
+    spec = run_specs()[name]
+    fields, report = measure_compression(
         lambda calibration: None if spec.callback_kwargs is None else Pruning(
             **spec.callback_kwargs, calibration=calibration, progress=False),
-        MODEL, settings.nsamples, settings.calib_seqlen, EVAL_SEQLEN, settings.eval_windows)
-    report = run["report"]
+        MODEL, MODES[mode], EVAL_SEQLEN)
     return {"run": name, "mode": mode, "method": spec.method, "pattern": spec.pattern,
-            "sparsity": report["summary"]["sparsity"] if report else 0.0, "ppl": run["ppl"],
-            "seconds": report["seconds"] if report else 0.0, "peak_rss_mb": peak_rss_mb(),
-            "forward_seconds": run["forward_seconds"], "wall_seconds": run["wall_seconds"],
-            "threads": torch.get_num_threads(), "calib_nsamples": settings.nsamples,
-            "calib_seqlen": settings.calib_seqlen,
-            "eval_windows": run["eval_windows"], "eval_seqlen": EVAL_SEQLEN,
-            **_barber_fields(spec), "summary": report["summary"] if report else None, "date": now_iso()}
+            "sparsity": report["summary"]["sparsity"] if report else 0.0, **fields, **_barber_fields(spec)}
 
 
 def _barber_fields(spec: RunSpec) -> dict[str, Any]:
@@ -138,7 +121,7 @@ def describe(row: dict[str, Any]) -> str:
 BENCHMARK = Benchmark(
     name="pruning", script=Path(__file__).resolve(), run_names=lambda: list(run_specs()),
     modes={mode: mode_runs(mode) for mode in MODES}, measure=measure, describe=describe,
-    settings=lambda mode: {k: v for k, v in asdict(MODES[mode]).items() if k != "runs"},
+    settings=lambda mode: MODES[mode].header(),
     header={"model": MODEL, "eval_seqlen": EVAL_SEQLEN})
 
 if __name__ == "__main__":

@@ -16,14 +16,14 @@ dequantized values replace the originals), so ``forward_seconds`` shows that eva
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 # Run as a script, Python puts benchmarks/ (not the repository) on sys.path; the sibling module needs the latter.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import compress_and_evaluate, now_iso, peak_rss_mb  # noqa: E402
+from benchmarks.common import Settings, measure_compression  # noqa: E402
 from benchmarks.driver import Benchmark  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
@@ -59,14 +59,6 @@ DIAGNOSTICS: dict[str, dict[str, Any]] = {
 # the quick benchmark took 1,433 s at 2 threads and 162 s at 1 (GPTQ 713 s -> 41 s, and even a plain forward
 # 11-35 s -> 2 s). ``--threads 2`` may pay off on a machine the benchmark has to itself; the caption states it.
 THREADS = 1
-
-
-@dataclass(frozen=True)
-class Settings:
-    nsamples: int
-    calib_seqlen: int
-    eval_windows: int
-    runs: tuple[str, ...] | None  # None: every run
 
 
 MODES = {
@@ -107,27 +99,17 @@ def run_specs() -> dict[str, RunSpec]:
 # -- one run (in the child process) ----------------------------------------------------------------
 def measure(name: str, mode: str) -> dict[str, Any]:
     """Load the model, quantize it through ``Trainer.validate`` and measure; returns one result row."""
-    import torch
-
     from callbacks.quantization.callback import Quantization
 
-    spec, settings = run_specs()[name], MODES[mode]
-    run = compress_and_evaluate(
+    spec = run_specs()[name]
+    fields, report = measure_compression(
         lambda calibration: None if spec.callback_kwargs is None else Quantization(
             **spec.callback_kwargs, calibration=calibration, progress=False),
-        MODEL, settings.nsamples, settings.calib_seqlen, EVAL_SEQLEN, settings.eval_windows)
-    report = run["report"]
-    return {"run": name, "mode": mode, "method": spec.method, **quant_fields(spec, report),
-            "ppl": run["ppl"], "seconds": report["seconds"] if report else 0.0,
-            "peak_rss_mb": peak_rss_mb(), "forward_seconds": run["forward_seconds"],
-            "wall_seconds": run["wall_seconds"],
-            "threads": torch.get_num_threads(),
+        MODEL, MODES[mode], EVAL_SEQLEN)
+    return {"run": name, "mode": mode, "method": spec.method, **quant_fields(spec, report), **fields,
             "calibrated": bool(report and report["calibration"]),
-            "calib_nsamples": settings.nsamples, "calib_seqlen": settings.calib_seqlen,
-            "eval_windows": run["eval_windows"], "eval_seqlen": EVAL_SEQLEN,
-            "summary": report["summary"] if report else None,
             "bits_by_type": bits_by_type(report["modules"]) if report else None,
-            "config": report["config"] if report else None, "date": now_iso()}
+            "config": report["config"] if report else None}
 
 
 def quant_fields(spec: RunSpec, report: dict[str, Any] | None) -> dict[str, Any]:
@@ -179,7 +161,7 @@ BENCHMARK = Benchmark(
     name="quantization", script=Path(__file__).resolve(), run_names=lambda: list(run_specs()),
     modes={mode: settings.runs or full_order() for mode, settings in MODES.items()}, measure=measure,
     describe=describe,
-    settings=lambda mode: {k: v for k, v in asdict(MODES[mode]).items() if k != "runs"}, threads=THREADS,
+    settings=lambda mode: MODES[mode].header(), threads=THREADS,
     header={"model": MODEL, "eval_seqlen": EVAL_SEQLEN})
 
 if __name__ == "__main__":

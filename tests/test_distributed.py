@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from benchmarks.strategy_check import free_port
 from tests.pruning_helpers import TEXT
 from tests.tiny_models import save_tiny_model
 
@@ -44,12 +44,6 @@ CASES = {
     "sparsegpt_barber": {"method": "sparsegpt", "barber": True, "barber_threshold": 0.3,
                          "retain_reconstruction": True},
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _config(model_dir: Path, corpus: Path, run_dir: Path, case: dict) -> dict:
@@ -92,7 +86,7 @@ def launch(config: dict, run_dir: Path, strategy: str, subcommand: str = "valida
     devices = 1 if strategy == "auto" else 2
     for attempt in range(3):
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
                # Same kernels in both runs: Lightning would otherwise give each DDP process cpus/2 threads.
                "OMP_NUM_THREADS": "1"}
         for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
