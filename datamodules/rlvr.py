@@ -15,6 +15,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -22,7 +23,9 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader
 
 from datamodules.assets import check_model_source, resolve_model
-from datamodules.synthetic import DEFAULT_TASK, SYSTEMATIC_RULES, check_size, generate, get_task, is_task
+from datamodules.image_tasks import corrupt_label, generate_images
+from datamodules.synthetic import DEFAULT_TASK, IMAGE_TASKS, SYSTEMATIC_RULES, check_size, generate, get_task
+from datamodules.synthetic import is_image_task, is_task
 from datamodules.synthetic import near_miss_answer, task_names, uniform_answer
 from datamodules.text import UnpaddedShardSampler
 
@@ -30,6 +33,7 @@ NoiseKind = Literal["near_miss", "uniform", "systematic"]
 NOISE_KINDS = ("near_miss", "uniform", "systematic")
 EVAL_ONLY_COLUMNS = ("clean_label", "is_corrupted")
 DEFAULT_TEMPLATE = "What is {question}? Answer with just the number."
+IMAGE_TEMPLATE = "{question}"  # image-task questions are whole sentences already
 RECORD_SUFFIXES = (".json", ".jsonl")
 
 
@@ -120,16 +124,17 @@ def pick_rule(space: LabelSpace, noise_seed: int, rule: str | None) -> str:
     return rule
 
 
-def build_manifest(train: list[dict[str, str]], rate: float, kind: str, noise_seed: int, space: LabelSpace | None,
-                   rule: str) -> tuple[dict[str, str], set[str]]:  # fmt: skip
-    """(id -> training label, ids of corrupted examples); a pure function of the records and the noise options."""
+def build_manifest(train: list[dict[str, Any]], rate: float, noise_seed: int,
+                   corrupt: Callable[[dict[str, Any], random.Random], Any]) -> tuple[dict[str, Any], set[str]]:  # fmt: skip
+    """(id -> training label, ids of corrupted examples); a pure function of the records, the rate, the seed and
+    ``corrupt(record, rng)``, which returns a wrong label drawn from the example's own generator."""
     order = list(range(len(train)))
     random.Random(f"{noise_seed}:select").shuffle(order)
     chosen = {train[i]["id"] for i in order[: round(rate * len(train))]}
     manifest = {}
     for record in train:
         rng = random.Random(f"{noise_seed}:{record['id']}")  # str seeds hash with SHA-512: no PYTHONHASHSEED effect
-        manifest[record["id"]] = space.corrupt(kind, rule, record, rng) if record["id"] in chosen else record["label"]
+        manifest[record["id"]] = corrupt(record, rng) if record["id"] in chosen else record["label"]
     return manifest, chosen
 
 
@@ -143,17 +148,22 @@ class RLVRDataModule(LightningDataModule):
 
     Args:
         source: a synthetic task (``add_1digit``, ``add_0_20``, ``add_10_49``, ``mul_1digit``, ``sub_0_20``, ...,
-            or ``easy``/``medium``/``hard``), a local ``.json``/``.jsonl`` file of ``{"question", "label"}``
-            records (optional ``"id"``), or a ``datasets.save_to_disk`` folder with those columns.
+            or ``easy``/``medium``/``hard``), a generated-image task (``image_grounding``, ``image_shape``,
+            ``image_colour``, ``image_count``: rows then carry an ``image`` and prompts the processor's image
+            placeholder), a local ``.json``/``.jsonl`` file of ``{"question", "label"}`` records (optional
+            ``"id"``), or a ``datasets.save_to_disk`` folder with those columns.
         num_train, num_val: examples per split; the splits never share a question.
         seed: seed of the question draw, of the train/val split and of the training shuffle.
         noise_rate: fraction of training labels corrupted, in [0, 1]; exactly ``round(noise_rate * num_train)``.
-        noise_kind: ``near_miss`` (clean ± 1 or ± 10), ``uniform`` (any other value in range) or ``systematic``.
+        noise_kind: ``near_miss`` (clean ± 1 or ± 10; image tasks: a distractor's box, a confusable class, a count
+            off by one), ``uniform`` (any other value in range) or ``systematic`` (one fixed wrong rule).
         noise_seed: seed of which examples are corrupted and of their wrong labels.
         systematic_rule: pins the ``systematic`` rule; ``None`` = a seeded choice among the rules that apply.
         prompts_per_batch: prompts per training/validation batch (each is expanded to G completions later).
         tokenizer: embedded model name or local HF folder; default: the LightningModule's ``model_name_or_path``.
-        prompt_template: user message with a ``{question}`` field, in the tokenizer's chat template if it has one.
+            Image tasks use that folder's processor (its chat template writes the image placeholder).
+        prompt_template: user message with a ``{question}`` field, in the tokenizer's chat template if it has one;
+            default ``"What is {question}? Answer with just the number."`` (image tasks: ``"{question}"``).
         system_prompt: optional system message (without a chat template: prepended with a blank line).
     """
 
@@ -169,7 +179,7 @@ class RLVRDataModule(LightningDataModule):
         systematic_rule: str | None = None,
         prompts_per_batch: int = 4,
         tokenizer: str | None = None,
-        prompt_template: str = DEFAULT_TEMPLATE,
+        prompt_template: str | None = None,
         system_prompt: str | None = None,
         num_workers: int = 0,
     ):
@@ -177,6 +187,8 @@ class RLVRDataModule(LightningDataModule):
         _check_int(1, num_train=num_train, num_val=num_val, prompts_per_batch=prompts_per_batch)
         _check_int(0, num_workers=num_workers)
         _check_source(source, num_train + num_val, systematic_rule)
+        if prompt_template is None:
+            prompt_template = IMAGE_TEMPLATE if is_image_task(source) else DEFAULT_TEMPLATE
         _check_options(noise_rate, noise_kind, systematic_rule, prompt_template)
         if tokenizer is not None:
             check_model_source(tokenizer, option="tokenizer")
@@ -186,13 +198,16 @@ class RLVRDataModule(LightningDataModule):
         self.tokenizer_source, self.prompt_template, self.system_prompt = tokenizer, prompt_template, system_prompt
         self._train: list[dict[str, Any]] | None = None  # None until build()
         self._val: list[dict[str, Any]] = []
-        self._tokenizer, self.rule = None, ""  # rule: the systematic rule in force, set by build()
+        self._tokenizer, self._processor, self.rule = None, None, ""  # rule: the systematic rule in force (build())
         self.manifest: dict[str, str] = {}  # id -> training label; its SHA-256 is manifest_hash (both set by build)
         self.manifest_hash = ""
 
     def build(self) -> None:
         """Draw, split and corrupt the examples (no tokenizer needed); idempotent and identical on every rank."""
         if self._train is not None:
+            return
+        if is_image_task(self.source):
+            self._build_images()
             return
         if is_task(self.source):
             records = generate(get_task(self.source).name, self.num_train + self.num_val, self.seed)
@@ -203,8 +218,17 @@ class RLVRDataModule(LightningDataModule):
         space = LabelSpace.of(train + val, self.source) if self.noise_rate > 0 else None
         if space is not None and self.noise_kind == "systematic":
             self.rule = pick_rule(space, self.noise_seed, self.systematic_rule)
-        self.manifest, corrupted = build_manifest(train, self.noise_rate, self.noise_kind, self.noise_seed, space,
-                                                  self.rule)  # fmt: skip
+        self._corrupt_split(train, val, lambda record, rng: space.corrupt(self.noise_kind, self.rule, record, rng))
+
+    def _build_images(self) -> None:
+        """Rendered images: ``num_train + num_val`` records of one seeded draw; noise from each record's own wrong
+        labels (``image_tasks.corrupt_label``), the same on every rank."""
+        records = generate_images(IMAGE_TASKS[self.source], self.num_train + self.num_val, self.seed)
+        self._corrupt_split(records[: self.num_train], records[self.num_train :],
+                            lambda record, rng: corrupt_label(record, self.noise_kind, rng))  # fmt: skip
+
+    def _corrupt_split(self, train: list[dict[str, Any]], val: list[dict[str, Any]], corrupt: Callable) -> None:
+        self.manifest, corrupted = build_manifest(train, self.noise_rate, self.noise_seed, corrupt)
         self.manifest_hash = manifest_sha256(self.manifest)
         self._train = [dict(r, label=self.manifest[r["id"]], clean_label=r["label"], is_corrupted=r["id"] in corrupted)
                        for r in train]  # fmt: skip
@@ -220,32 +244,50 @@ class RLVRDataModule(LightningDataModule):
     def rows(self, split: Literal["train", "val"]) -> list[dict[str, Any]]:
         """``prompt, question, label, clean_label, [is_corrupted,] id`` per example; val labels are the clean ones."""
         self.build()
-        fields = ("question", "label", "clean_label", "is_corrupted", "id")
+        fields = ("question", "label", "clean_label", "is_corrupted", "id", "image")
         records = self._train if split == "train" else self._val
-        return [{"prompt": self.format_prompt(r["question"]), **{f: r[f] for f in fields if f in r}} for r in records]
+        image = is_image_task(self.source)
+        return [{"prompt": self.format_prompt(r["question"], image=image), **{f: r[f] for f in fields if f in r}}
+                for r in records]  # fmt: skip
 
-    def format_prompt(self, question: str) -> str:
-        """The template filled in, wrapped in the chat template when the tokenizer has one."""
+    def format_prompt(self, question: str, image: bool = False) -> str:
+        """The template filled in, wrapped in the chat template when the tokenizer has one; with ``image``, the
+        user message starts with an image part (the processor's chat template writes its placeholder)."""
         text = self.prompt_template.format(question=question)
-        tokenizer = self.tokenizer()
-        if getattr(tokenizer, "chat_template", None):
+        templater = self.processor() if image else self.tokenizer()
+        if getattr(templater, "chat_template", None):
             messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-            messages.append({"role": "user", "content": text})
-            return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            content = [{"type": "image"}, {"type": "text", "text": text}] if image else text
+            messages.append({"role": "user", "content": content})
+            return templater.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        if image:
+            raise ValueError(f"source={self.source!r} needs a processor with a chat template (it writes the image "
+                             f"placeholder); {self._model_source()!r} has none")  # fmt: skip
         return f"{self.system_prompt}\n\n{text}" if self.system_prompt else text
+
+    def _model_source(self) -> str:
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        name = self.tokenizer_source or getattr(module, "model_name_or_path", None)
+        if name is None:
+            raise ValueError("tokenizer=None needs a LightningModule with `model_name_or_path` attached through a "
+                             "Trainer; allowed: tokenizer='<embedded model name or local HF folder>'")  # fmt: skip
+        return name
 
     def tokenizer(self):
         """The tokenizer whose chat template wraps the prompts: ``tokenizer``, else the module's model (loaded once)."""
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
-            name = self.tokenizer_source or getattr(module, "model_name_or_path", None)
-            if name is None:
-                raise ValueError("tokenizer=None needs a LightningModule with `model_name_or_path` attached through a "
-                                 "Trainer; allowed: tokenizer='<embedded model name or local HF folder>'")  # fmt: skip
-            self._tokenizer = AutoTokenizer.from_pretrained(resolve_model(name, option="tokenizer"))
+            self._tokenizer = AutoTokenizer.from_pretrained(resolve_model(self._model_source(), option="tokenizer"))
         return self._tokenizer
+
+    def processor(self):
+        """The image-text model's processor (image tasks): ``tokenizer``'s folder, else the module's model."""
+        if self._processor is None:
+            from lit_modules.vlm.processor import load_processor
+
+            self._processor = load_processor(resolve_model(self._model_source(), option="tokenizer"))
+        return self._processor
 
     def train_dataloader(self) -> DataLoader:
         # A seeded shuffle: reproducible epochs; under DDP Lightning swaps in its DistributedSampler.
@@ -265,6 +307,11 @@ class RLVRDataModule(LightningDataModule):
 
 
 def _check_source(source: str, num_examples: int, rule: str | None) -> None:
+    if is_image_task(source):
+        if rule is not None:
+            raise ValueError(f"systematic_rule={rule!r} does not apply to image tasks (their systematic noise is a "
+                             "fixed wrong class/box per example); allowed: None")  # fmt: skip
+        return
     if is_task(source):
         task = get_task(source, option="source")
         check_size(task, num_examples, option="num_train + num_val")

@@ -82,9 +82,18 @@ DIFFICULTY: dict[str, str] = {"easy": "add_1digit", "medium": "add_0_20", "hard"
 DEFAULT_TASK = DIFFICULTY["easy"]
 
 
+# Generated-image tasks (``datamodules/image_tasks.py``: grounding, shape, colour, count) by source name.
+IMAGE_TASKS: dict[str, str] = {f"image_{name}": name for name in ("grounding", "shape", "colour", "count")}
+
+
+def is_image_task(name: str) -> bool:
+    """True when ``name`` is a generated-image task (``image_grounding``, ``image_shape``, ...)."""
+    return name in IMAGE_TASKS
+
+
 def task_names() -> list[str]:
-    """Every accepted task name: the tasks from easiest to hardest, then the difficulty levels."""
-    return sorted(TASKS, key=lambda n: TASKS[n].difficulty) + list(DIFFICULTY)
+    """Every accepted task name: the tasks from easiest to hardest, the difficulty levels, then the image tasks."""
+    return sorted(TASKS, key=lambda n: TASKS[n].difficulty) + list(DIFFICULTY) + list(IMAGE_TASKS)
 
 
 def is_task(name: str) -> bool:

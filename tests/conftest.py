@@ -26,3 +26,21 @@ def tokenizer():
 @pytest.fixture(params=ARCHITECTURES)
 def arch(request):
     return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(tmp_path_factory):
+    """Factory: `tiny_vlm_dir("qwen2_vl")` -> a saved tiny random Qwen2-VL / Qwen2.5-VL with its locally built
+    processor (task tokenizer, PIL image processor, chat template); cached per session."""
+    from lit_modules.vlm.build import save_initial_vlm
+
+    cache: dict[str, object] = {}
+
+    def make(family: str = "qwen2_vl"):
+        if family not in cache:
+            folder = tmp_path_factory.mktemp(f"tiny-{family}")
+            save_initial_vlm(folder, family=family, hidden=32, layers=2, heads=2, vision_width=32, vision_depth=1)
+            cache[family] = folder
+        return cache[family]
+
+    return make

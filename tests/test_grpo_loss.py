@@ -353,3 +353,11 @@ def test_rewards_not_divisible_into_groups_are_refused() -> None:
     """7 rewards cannot come from groups of G = 3: one clear error instead of a silently misaligned reshape."""
     with pytest.raises(ValueError, match=r"divisible by group_size=3: \(7,\)"):
         group_advantages(torch.arange(7.0), group_size=3)
+
+
+def test_accuracy_takes_a_bare_word_completion_as_its_answer():
+    """Classification answers ("blue", "Triangle.") hold no number and no answer tag: the text itself is compared."""
+    accuracy = Accuracy()
+    assert accuracy.score("Blue.", "blue") == 1.0 and accuracy.score(" triangle", "triangle") == 1.0
+    assert accuracy.score("blue", "red") == 0.0 and accuracy.score("", "red") == 0.0
+    assert accuracy.score("It is 3", "3") == 1.0  # numbers still win over the whole text

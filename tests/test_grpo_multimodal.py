@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lit_modules.grpo.multimodal import check_image_tokens, expand_image_inputs
+from lit_modules.grpo.multimodal import check_image_tokens, expand_image_inputs, expand_prompts
 
 IMAGE = 99  # the image placeholder token id of these toys
 
@@ -48,3 +48,27 @@ def test_mismatches_are_refused_before_any_forward():
     ids = torch.tensor([[IMAGE] * 4 + [1, 2], [0, 0, 0, IMAGE, 1, 2]])  # sample 1 lost an image token
     with pytest.raises(ValueError, match=r"sample 1 has 1 image tokens but its 1 image\(s\) need 2"):
         check_image_tokens(ids, grid, [1, 1], IMAGE)
+
+
+def test_prompt_expansion_repeats_per_token_and_batch_major_inputs_row_by_row():
+    """Idefics3/SmolVLM-style inputs: ``pixel_values`` [B, images, C, H, W] and ``pixel_attention_mask`` go with their
+    prompt row, like ``input_ids``; Qwen2-VL's per-token ``mm_token_type_ids`` likewise."""
+    ids = torch.tensor([[0, 5, 6], [7, 8, 9]])
+    extras = {"pixel_values": torch.arange(2.0).view(2, 1, 1, 1, 1).expand(2, 1, 3, 2, 2),
+              "pixel_attention_mask": torch.ones(2, 1, 2, 2, dtype=torch.bool),
+              "mm_token_type_ids": torch.tensor([[0, 1, 0], [1, 0, 0]])}  # fmt: skip
+    out_ids, out_mask, out = expand_prompts(ids, ids > 0, extras, [1, 1], repeats=3)
+    assert out_ids.tolist() == [[0, 5, 6]] * 3 + [[7, 8, 9]] * 3 and out_mask.shape == (6, 3)
+    assert out["pixel_values"][:, 0, 0, 0, 0].tolist() == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+    assert out["pixel_attention_mask"].shape == (6, 1, 2, 2)
+    assert out["mm_token_type_ids"].tolist() == [[0, 1, 0]] * 3 + [[1, 0, 0]] * 3
+
+
+def test_prompt_expansion_refuses_what_it_cannot_repeat():
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="image_grid_thw"):  # 2-D patch rows without their grid
+        expand_prompts(ids, ids, {"pixel_values": torch.zeros(10, 4)}, [1, 1], repeats=2)
+    with pytest.raises(ValueError, match="2 prompts"):
+        expand_prompts(ids, ids, {"pixel_values": torch.zeros(3, 1, 3, 2, 2)}, [1, 1], repeats=2)
+    with pytest.raises(ValueError, match="aspect_ratio_ids"):
+        expand_prompts(ids, ids, {"aspect_ratio_ids": torch.zeros(2, 1)}, [1, 1], repeats=2)

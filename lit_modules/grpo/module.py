@@ -34,6 +34,8 @@ from lit_modules.grpo.loss import (
     reward_metrics,
     token_stats,
 )
+from lit_modules.grpo.multimodal import check_image_tokens, encode_image_prompts, expand_prompts, images_per_sample
+from lit_modules.grpo.policy import freeze_vision_tower, is_image_text_model, load_policy
 from lit_modules.grpo.rewards import RewardSet, reward_name, weighted_sum
 from lit_modules.grpo.rollout import (
     Rollout,
@@ -101,6 +103,12 @@ class GRPOModule(LightningModule):
             ``trainer.estimated_stepping_batches × num_iterations``. Stored in checkpoints (resume keeps it).
         entropy_chunk_size: positions per fp32 chunk of the log-prob/entropy maths (memory bound).
         max_grad_norm: gradient-norm clipping before each optimizer step (None: off).
+        freeze_vision: for image-text models, keep the vision tower frozen (only the language model trains).
+
+    Image-text models (a folder whose config is a transformers image-text-to-text model, e.g. Qwen2-VL/Qwen2.5-VL)
+    load with their processor; batches then carry an ``image`` column (one PIL image, or a list, per prompt) and
+    prompts already hold the processor's image placeholders. Images are processed once per prompt, their tensors
+    repeated per generation as per-sample blocks and passed unchanged to every log-prob pass (spec §5).
     """
 
     def __init__(
@@ -125,6 +133,7 @@ class GRPOModule(LightningModule):
         total_steps: int | None = None,
         entropy_chunk_size: int = 128,
         max_grad_norm: float | None = 1.0,
+        freeze_vision: bool = True,
     ):
         super().__init__()
         check_model_source(model_name_or_path, option="model_name_or_path")
@@ -164,7 +173,7 @@ class GRPOModule(LightningModule):
         self.num_generations, self.temperature, self.top_p = num_generations, temperature, top_p
         self.max_new_tokens, self.scale_rewards, self.num_iterations = max_new_tokens, scale_rewards, num_iterations
         self.learning_rate, self.weight_decay, self.total_steps = learning_rate, weight_decay, total_steps
-        self.entropy_chunk_size, self.max_grad_norm = entropy_chunk_size, max_grad_norm
+        self.entropy_chunk_size, self.max_grad_norm, self.freeze_vision = entropy_chunk_size, max_grad_norm, freeze_vision
         # Manual optimisation (spec §1.4): generation, μ optimizer steps per generated batch and the loss scaling
         # are ours to control; automatic optimisation allows one step per training_step and would also re-run
         # training_step (i.e. re-generate) inside the optimizer closure.
@@ -172,6 +181,7 @@ class GRPOModule(LightningModule):
         self.model: torch.nn.Module | None = None
         self.ref_model: torch.nn.Module | None = None
         self._tokenizer = None
+        self._processor = None
         self._schedule_total: int | None = None  # S, resolved at train start or restored from a checkpoint
         self._ckpt_total: int | None = None
         self._stage: str | None = None
@@ -186,22 +196,39 @@ class GRPOModule(LightningModule):
         """Load the policy (and, for β > 0 only, a frozen reference copy) lazily, after option validation."""
         if self.model is not None:
             return
-        from transformers import AutoModelForCausalLM
-
         folder = resolve_model(self.model_name_or_path, option="model_name_or_path")
-        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[self.dtype_name])
+        self.model = load_policy(folder, DTYPES[self.dtype_name])
+        if self.freeze_vision and self.is_multimodal:
+            freeze_vision_tower(self.model)
         if self.loss_config.beta > 0:
             # A copy of the freshly loaded weights *is* the reference policy; it sits in the state dict so that a
             # resumed run compares against the same reference without re-deriving it.
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
 
     @property
+    def is_multimodal(self) -> bool:
+        """Whether the policy is an image-text model (it then takes an ``image`` column through its processor)."""
+        return is_image_text_model(resolve_model(self.model_name_or_path))
+
+    @property
+    def processor(self):
+        """The image-text model's processor (``None`` for a text-only policy)."""
+        if self._processor is None and self.is_multimodal:
+            from lit_modules.vlm.processor import load_processor
+
+            self._processor = load_processor(resolve_model(self.model_name_or_path))
+        return self._processor
+
+    @property
     def tokenizer(self):
-        """The model folder's tokenizer, left-padding, with EOS as pad token when it defines none."""
+        """The model folder's tokenizer (the processor's, for image-text models), left-padding, EOS as pad token
+        when it defines none."""
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            tok = AutoTokenizer.from_pretrained(resolve_model(self.model_name_or_path))
+            processor = self.processor
+            tok = processor.tokenizer if processor is not None else AutoTokenizer.from_pretrained(
+                resolve_model(self.model_name_or_path))  # fmt: skip
             tok.padding_side = "left"
             if tok.pad_token is None:
                 tok.pad_token = tok.eos_token
@@ -255,7 +282,7 @@ class GRPOModule(LightningModule):
     # -- one training step ---------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         started = time.perf_counter()
-        rollout = self.sample(batch["prompt"], do_sample=True, repeats=self.num_generations)
+        rollout = self.sample(batch["prompt"], do_sample=True, repeats=self.num_generations, images=batch.get("image"))
         generated = time.perf_counter()
         columns = self._reward_columns(batch, rollout)
         old_logp = None
@@ -275,17 +302,30 @@ class GRPOModule(LightningModule):
                   "timing/update_seconds": time.perf_counter() - generated}
         self._log_step(batch, rollout, rewards, scores, outputs, first_coef, timing)
 
-    def sample(self, prompts: Sequence[str], *, do_sample: bool, repeats: int) -> Rollout:
-        """Tokenise (left-padded), expand each prompt ``repeats`` times, generate and mask the completions."""
-        ids, mask = tokenize_prompts(self.tokenizer, prompts, self.device)
-        ids, mask = ids.repeat_interleave(repeats, dim=0), mask.repeat_interleave(repeats, dim=0)
+    def sample(self, prompts: Sequence[str], *, do_sample: bool, repeats: int, images: Sequence | None = None
+               ) -> Rollout:  # fmt: skip
+        """Tokenise (left-padded; images through the processor, once), expand each prompt ``repeats`` times,
+        generate and mask the completions."""
+        image_inputs = {}
+        if images is not None:
+            if self.processor is None:
+                raise ValueError(f"the batch has an 'image' column but model_name_or_path={self.model_name_or_path!r} "
+                                 "is a text-only model; allowed: an image-text model folder (e.g. Qwen2-VL)")
+            ids, mask, extras = encode_image_prompts(self.processor, prompts, images, self.device, self.model.dtype)
+            counts = images_per_sample(images)
+            check_image_tokens(ids, extras["image_grid_thw"], counts, self.model.config.image_token_id,
+                               self.processor.image_processor.merge_size)  # fmt: skip
+            ids, mask, image_inputs = expand_prompts(ids, mask, extras, counts, repeats)
+        else:
+            ids, mask = tokenize_prompts(self.tokenizer, prompts, self.device)
+            ids, mask = ids.repeat_interleave(repeats, dim=0), mask.repeat_interleave(repeats, dim=0)
         eos = eos_token_ids(self.model, self.tokenizer)
         completion_ids = generate(self.model, ids, mask, eos=eos, pad=self.tokenizer.pad_token_id,
                                   max_new_tokens=self.max_new_tokens, do_sample=do_sample,
-                                  temperature=self.temperature, top_p=self.top_p)  # fmt: skip
+                                  temperature=self.temperature, top_p=self.top_p, image_inputs=image_inputs)  # fmt: skip
         completion_mask, truncated = first_eos_mask(completion_ids, eos)
         texts = decode(self.tokenizer, completion_ids, completion_mask)
-        return Rollout(ids, mask, completion_ids, completion_mask, texts, truncated)
+        return Rollout(ids, mask, completion_ids, completion_mask, texts, truncated, image_inputs)
 
     def _reward_columns(self, batch: dict[str, Any], rollout: Rollout) -> dict[str, Any]:
         """Dataset columns repeated per completion, minus the eval-only ones, plus the module's columns (§3.1)."""
@@ -302,7 +342,7 @@ class GRPOModule(LightningModule):
                     entropy_grad: bool = True, self_certainty: bool = False):  # fmt: skip
         """Per-token ℓ/H (/SC) of the rollout's completion tokens under ``model`` (temperature-scaled logits)."""
         logits = completion_logits(model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
-                                   rollout.completion_mask)  # fmt: skip
+                                   rollout.completion_mask, rollout.image_inputs)  # fmt: skip
         return token_stats(logits, rollout.completion_ids, rollout.completion_mask, self.temperature,
                            entropy=entropy, entropy_grad=entropy_grad, self_certainty=self_certainty,
                            chunk_size=self.entropy_chunk_size)  # fmt: skip
@@ -387,7 +427,7 @@ class GRPOModule(LightningModule):
 
     # -- validation: greedy decoding scored against clean labels ------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        rollout = self.sample(batch["prompt"], do_sample=False, repeats=1)
+        rollout = self.sample(batch["prompt"], do_sample=False, repeats=1, images=batch.get("image"))
         labels = batch["clean_label"] if "clean_label" in batch else batch["label"]
         scores = [s for s in label_scores(rollout.completions, labels) if s is not None]
         if scores:

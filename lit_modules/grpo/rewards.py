@@ -132,7 +132,8 @@ class Accuracy:
             # A point is two numbers: the answer span if the completion marks one, else the whole text ("the last
             # number" would keep only y).
             return float(_point_in_box(extract_answer(completion, last_number=False) or completion, label))
-        pred = extract_answer(completion, self.last_number)
+        # A completion that marks no answer and holds no number is its own answer ("blue" for a colour question).
+        pred = extract_answer(completion, self.last_number) or normalize_answer(completion) or None
         return float(answers_match(pred, label, self.rel_tol, self.abs_tol))
 
     def __call__(self, prompts: list, completions: list[str], **columns: Any) -> list[float | None]:

@@ -8,7 +8,7 @@ right-padded. Every later pass (old, reference, training) is a fresh forward ove
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -16,6 +16,7 @@ from torch import Tensor
 
 from datamodules.rlvr import EVAL_ONLY_COLUMNS, reward_columns  # noqa: F401  (one definition, re-exported)
 from lit_modules.grpo.loss import completion_mask
+from lit_modules.grpo.multimodal import extend_over_completion
 from lit_modules.grpo.rewards import Accuracy
 
 
@@ -37,6 +38,9 @@ class Rollout:
     completion_mask: Tensor  # [N, Tc] bool: up to and including the first EOS
     completions: list[str]  # decoded completion text (special tokens dropped)
     truncated: Tensor  # [N] bool: no EOS within max_new_tokens
+    # Image inputs exactly as generation saw them, already expanded per completion (pixel_values, image_grid_thw,
+    # mm_token_type_ids over the prompt); every log-prob pass reuses them unchanged (spec §5).
+    image_inputs: dict[str, Tensor] = field(default_factory=dict)
 
 
 def tokenize_prompts(tokenizer, prompts: Sequence[str], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -62,7 +66,8 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 
 @torch.no_grad()
 def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, eos: list[int], pad: int, max_new_tokens: int,
-             do_sample: bool, temperature: float = 1.0, top_p: float = 1.0) -> Tensor:  # fmt: skip
+             do_sample: bool, temperature: float = 1.0, top_p: float = 1.0,
+             image_inputs: Mapping[str, Tensor] | None = None) -> Tensor:  # fmt: skip
     """Completion ids ``[N, Tc]`` from ``model.generate`` with the KV cache, in eval mode (no dropout while sampling).
 
     ``top_k=0`` explicitly: a checkpoint's generation_config may set top_k, which would make the sampled
@@ -74,7 +79,8 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, eos: list[int], 
         do_sample=False, temperature=None, top_p=None, top_k=None)  # fmt: skip
     try:
         out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
-                             eos_token_id=eos, pad_token_id=pad, use_cache=True, **sampling)  # fmt: skip
+                             eos_token_id=eos, pad_token_id=pad, use_cache=True, **sampling,
+                             **(image_inputs or {}))  # fmt: skip
     finally:
         model.train(was_training)
     return out[:, prompt_ids.shape[1]:]
@@ -92,20 +98,24 @@ def decode(tokenizer, completion_ids: Tensor, mask: Tensor) -> list[str]:
 
 
 def completion_logits(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
-                      completion_mask: Tensor) -> Tensor:  # fmt: skip
+                      completion_mask: Tensor, image_inputs: Mapping[str, Tensor] | None = None) -> Tensor:  # fmt: skip
     """Logits ``[N, Tc, V]`` that predict each completion token, computed at completion positions only.
 
     ``logits_to_keep = Tc + 1`` makes the lm_head run on the last ``Tc + 1`` hidden states only (prompt positions are
     never projected to the vocabulary); the final one predicts past the sequence and is dropped. Position ids come
     from the attention mask, as in ``generate``, so left padding does not shift positions between the sampling pass
-    and this pass (otherwise the training log-probs would be off-policy).
+    and this pass (otherwise the training log-probs would be off-policy). With images, the model derives its own
+    3-D (M-RoPE) positions from the ids, the image grid and the attention mask, as ``generate`` did.
     """
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], dim=1)
-    position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
     keep = completion_ids.shape[1] + 1
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                logits_to_keep=keep, use_cache=False)  # fmt: skip
+    if image_inputs:
+        inputs = extend_over_completion(dict(image_inputs), completion_ids)
+    else:
+        inputs = {"position_ids": (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)}
+    out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False,
+                **inputs)  # fmt: skip
     return out.logits[:, -keep:-1]
 
 
