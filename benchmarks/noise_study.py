@@ -53,6 +53,9 @@ class Settings:
     learning_rate: float
     num_train: int
     num_val: int
+    model: str = MODEL
+    task: str = TASK
+    data_seed: int = 0  # seed of the questions/images and of the train/val split (the same for every run)
 
 
 # The CPU grid: the settings of the README demo (configs/demo/grpo_phased_quick.yaml) plus a validation halfway.
@@ -82,6 +85,10 @@ def all_runs() -> list[str]:
 
 
 def measure(name: str, mode: str) -> dict[str, Any]:
+    return fit_run(MODES[mode][0], name, mode)
+
+
+def fit_run(settings: Settings, name: str, mode: str) -> dict[str, Any]:
     """One GRPO fit; the row holds the clean-accuracy curve and the per-step training curves."""
     from lightning import Callback, Trainer, seed_everything
 
@@ -100,11 +107,11 @@ def measure(name: str, mode: str) -> dict[str, Any]:
             self.steps.append({k: float(metrics[f"train/{k}"]) for k in self.KEYS if f"train/{k}" in metrics})
 
     method, rate, seed = parse_run(name)
-    settings = MODES[mode][0]
     seed_everything(seed, verbose=False)
-    module = GRPOModule(MODEL, num_generations=settings.num_generations, max_new_tokens=settings.max_new_tokens,
+    module = GRPOModule(settings.model, num_generations=settings.num_generations, max_new_tokens=settings.max_new_tokens,
                         learning_rate=settings.learning_rate, loss_type="grpo", **METHODS[method])
-    data = RLVRDataModule(TASK, num_train=settings.num_train, num_val=settings.num_val, seed=0, noise_rate=rate,
+    data = RLVRDataModule(settings.task, num_train=settings.num_train, num_val=settings.num_val,
+                          seed=settings.data_seed, noise_rate=rate,
                           noise_kind="near_miss", noise_seed=seed, prompts_per_batch=settings.prompts_per_batch)
     curves = Curves()
     trainer = Trainer(accelerator="auto", devices=1, max_steps=settings.steps, val_check_interval=settings.val_every,
@@ -112,8 +119,8 @@ def measure(name: str, mode: str) -> dict[str, Any]:
                       enable_progress_bar=False, enable_model_summary=False, callbacks=[curves], log_every_n_steps=1)
     trainer.fit(module, datamodule=data)
     accuracy = module.clean_acc_history
-    return {"run": name, "mode": mode, "method": method, "noise_rate": rate, "seed": seed, "model": MODEL,
-            "task": TASK, "settings": asdict(settings), "method_options": METHODS[method],
+    return {"run": name, "mode": mode, "method": method, "noise_rate": rate, "seed": seed, "model": settings.model,
+            "task": settings.task, "settings": asdict(settings), "method_options": METHODS[method],
             "clean_acc_before": accuracy[0][1], "clean_acc_after": accuracy[-1][1],
             "clean_acc_curve": accuracy, "clean_acc_auc": statistics.mean(a for _, a in accuracy),
             "train_curves": curves.steps, "peak_rss_mb": peak_rss_mb(), "date": now_iso()}

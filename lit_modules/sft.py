@@ -25,7 +25,7 @@ from datamodules.assets import resolve_model
 from datamodules.image_tasks import answer_text
 from lit_modules.causal_lm import DTYPES
 from lit_modules.grpo.multimodal import encode_image_prompts
-from lit_modules.grpo.policy import load_policy
+from lit_modules.grpo.policy import load_policy, placeholder_token_ids
 from lit_modules.grpo.rollout import completion_logits, decode, eos_token_ids, first_eos_mask, generate, label_scores
 
 
@@ -62,7 +62,7 @@ class VLMSFTModule(LightningModule):
         self.model: torch.nn.Module | None = None
         self._processor = None
         self.val_clean_acc = MeanMetric()
-        self.history: list[tuple[int, float]] = []
+        self.clean_acc_history: list[tuple[int, float]] = []
 
     def configure_model(self) -> None:
         if self.model is None:
@@ -113,7 +113,8 @@ class VLMSFTModule(LightningModule):
         tokenizer = self.processor.tokenizer
         eos = eos_token_ids(self.model, tokenizer)
         completion = generate(self.model, ids, mask, eos=eos, pad=tokenizer.pad_token_id, do_sample=False,
-                              max_new_tokens=self.max_new_tokens, image_inputs=image_inputs)  # fmt: skip
+                              max_new_tokens=self.max_new_tokens, image_inputs=image_inputs,
+                              suppress=placeholder_token_ids(self.model))  # fmt: skip
         return decode(tokenizer, completion, first_eos_mask(completion, eos)[0])
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -126,16 +127,20 @@ class VLMSFTModule(LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self.val_clean_acc.update_count:
             acc = float(self.val_clean_acc.compute())
-            self.history.append((self.global_step, acc))
+            self.clean_acc_history.append((self.global_step, acc))
             rank_zero_info(f"val/clean_acc at step {self.global_step}: {acc:.3f}")
 
     def on_fit_end(self) -> None:
-        """Publish the model + processor (rank 0; swapped in only once fully written) with a summary JSON."""
+        """Print before -> after, then publish the model + processor (rank 0; swapped in only once fully written)
+        with a summary JSON."""
+        if len(self.clean_acc_history) >= 2:
+            (first_step, first), (last_step, last) = self.clean_acc_history[0], self.clean_acc_history[-1]
+            rank_zero_info(f"clean accuracy: {first:.3f} at step {first_step} -> {last:.3f} at step {last_step}")
         if self.export_to is None or self.trainer.global_rank != 0:
             return
         final = built_model_dir(self.export_to) if self.export_to == TINY_VLM_GROUNDING else Path(self.export_to)
         summary = {"source_model": self.model_name_or_path, "steps": self.global_step,
-                   "val_clean_acc": [{"step": s, "acc": a} for s, a in self.history]}  # fmt: skip
+                   "val_clean_acc": [{"step": s, "acc": a} for s, a in self.clean_acc_history]}  # fmt: skip
 
         def write(folder: Path) -> None:
             self.model.save_pretrained(folder)
@@ -143,6 +148,4 @@ class VLMSFTModule(LightningModule):
             (folder / "litforge_sft.json").write_text(json.dumps(summary, indent=2) + "\n")
 
         replace_folder(final, write)
-        last = f"{self.history[-1][1]:.3f}" if self.history else "not measured"
-        rank_zero_info(f"saved the warm-started model to {final} (clean accuracy {last} after {self.global_step} "
-                       "steps)")
+        rank_zero_info(f"saved the warm-started model to {final} ({self.global_step} steps)")

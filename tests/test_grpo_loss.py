@@ -361,3 +361,17 @@ def test_accuracy_takes_a_bare_word_completion_as_its_answer():
     assert accuracy.score("Blue.", "blue") == 1.0 and accuracy.score(" triangle", "triangle") == 1.0
     assert accuracy.score("blue", "red") == 0.0 and accuracy.score("", "red") == 0.0
     assert accuracy.score("It is 3", "3") == 1.0  # numbers still win over the whole text
+
+
+def test_token_stats_renormalise_over_the_tokens_left_in_the_support():
+    torch.manual_seed(0)
+    logits, tokens = torch.randn(2, 3, 7), torch.tensor([[0, 2, 6], [1, 1, 3]])
+    excluded = torch.tensor([4, 5])
+    stats = token_stats(logits, tokens, temperature=0.7, self_certainty=True, excluded=excluded)
+    allowed = logits[..., [0, 1, 2, 3, 6]] / 0.7
+    logq = allowed.log_softmax(-1)
+    index = {0: 0, 1: 1, 2: 2, 3: 3, 6: 4}
+    expected_logp = logq.gather(-1, tokens.apply_(lambda t: index[t])[..., None]).squeeze(-1)
+    torch.testing.assert_close(stats.logp, expected_logp)
+    torch.testing.assert_close(stats.entropy, -(logq.exp() * logq).sum(-1))
+    torch.testing.assert_close(stats.self_certainty, allowed.logsumexp(-1) - allowed.mean(-1))

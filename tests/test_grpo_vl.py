@@ -141,3 +141,19 @@ def test_fit_on_generated_grounding_trains_the_language_model_only(tiny_vlm_dir)
     assert all(torch.equal(params[n], v) for n, v in vision.items())
     assert any(not torch.equal(params[n], v) for n, v in text.items())
     assert "val/clean_acc" in trainer.callback_metrics
+
+
+def test_the_policy_never_emits_image_placeholders_and_its_log_probs_exclude_them(tiny_vlm_dir):
+    """A sampled <|image_pad|> would add an image token without features to every later pass. With the placeholder's
+    logit pushed far up, generation still never emits one, and the log-prob pass renormalises over the rest."""
+    module = _module(tiny_vlm_dir("qwen2_vl"), num_generations=4, max_new_tokens=6)
+    image_token = module.model.config.image_token_id
+    assert image_token in module.excluded_tokens
+    module.model.lm_head.register_forward_hook(lambda mod, args, out: out.index_add(
+        -1, torch.tensor([image_token]), torch.full((*out.shape[:-1], 1), 50.0)))  # fmt: skip
+    records = generate_images("grounding", 2, seed=5)
+    rollout = module.sample(_prompts(module, records), do_sample=True, repeats=4, images=[r["image"] for r in records])
+    assert not torch.isin(rollout.completion_ids, torch.tensor(module.excluded_tokens)).any()
+    stats = module.token_stats(module.model, rollout)
+    assert torch.isfinite(stats.logp[rollout.completion_mask]).all()
+    assert torch.isfinite(stats.entropy[rollout.completion_mask]).all()

@@ -117,13 +117,15 @@ class TokenStats:
 
 def token_stats(
     logits: Tensor, tokens: Tensor, mask: Tensor | None = None, temperature: float = 1.0, *, entropy: bool = True,
-    entropy_grad: bool = True, self_certainty: bool = False, chunk_size: int = 128,
+    entropy_grad: bool = True, self_certainty: bool = False, chunk_size: int = 128, excluded: Tensor | None = None,
 ) -> TokenStats:  # fmt: skip
     """Log-probs (with grad), entropy (with grad iff ``entropy_grad``) and self-certainty (no grad) of ``tokens``.
 
     ``logits[:, t]`` must be the logits that predict ``tokens[:, t]`` (completion positions only). Math is fp32 and
     runs over at most ``chunk_size`` active positions at a time, so the fp32 copy of ``[positions, V]`` stays small;
-    masked-out positions are never computed, so their logits cannot leak into values or gradients.
+    masked-out positions are never computed, so their logits cannot leak into values or gradients. ``excluded``
+    token ids are outside the policy's support (generation suppresses them, e.g. image placeholders): every
+    quantity renormalises over the other tokens.
     """
     if temperature <= 0 or chunk_size < 1:
         raise ValueError(f"temperature must be > 0 and chunk_size >= 1, got {temperature} and {chunk_size}.")
@@ -135,6 +137,8 @@ def token_stats(
     for start in range(0, rows.numel(), chunk_size):
         idx = rows[start : start + chunk_size]
         z = flat_logits.index_select(0, idx).float() / temperature
+        if excluded is not None:
+            z = z.index_fill(1, excluded, float("-inf"))
         lse = torch.logsumexp(z, dim=-1)
         parts["logp"].append(z.gather(1, flat_tokens[idx, None]).squeeze(1) - lse)
         if entropy:
@@ -142,7 +146,8 @@ def token_stats(
                 parts["entropy"].append(_entropy(z, lse))
         if self_certainty:
             with torch.no_grad():
-                parts["self_certainty"].append(lse - z.mean(dim=-1))
+                support = z.shape[-1] - (0 if excluded is None else excluded.numel())
+                parts["self_certainty"].append(lse - torch.where(z.isfinite(), z, 0.0).sum(dim=-1) / support)
 
     def scatter(values: list[Tensor]) -> Tensor:
         out = torch.zeros(tokens.numel(), dtype=torch.float32, device=logits.device)

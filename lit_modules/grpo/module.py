@@ -35,7 +35,7 @@ from lit_modules.grpo.loss import (
     token_stats,
 )
 from lit_modules.grpo.multimodal import check_image_tokens, encode_image_prompts, expand_prompts, images_per_sample
-from lit_modules.grpo.policy import freeze_vision_tower, is_image_text_model, load_policy
+from lit_modules.grpo.policy import freeze_vision_tower, is_image_text_model, load_policy, placeholder_token_ids
 from lit_modules.grpo.rewards import RewardSet, reward_name, weighted_sum
 from lit_modules.grpo.rollout import (
     Rollout,
@@ -180,6 +180,7 @@ class GRPOModule(LightningModule):
         self.automatic_optimization = False
         self.model: torch.nn.Module | None = None
         self.ref_model: torch.nn.Module | None = None
+        self.excluded_tokens: list[int] = []
         self._tokenizer = None
         self._processor = None
         self._schedule_total: int | None = None  # S, resolved at train start or restored from a checkpoint
@@ -198,6 +199,8 @@ class GRPOModule(LightningModule):
             return
         folder = resolve_model(self.model_name_or_path, option="model_name_or_path")
         self.model = load_policy(folder, DTYPES[self.dtype_name])
+        # Outside the policy's support: never sampled, and excluded from every log-prob / entropy (rollout.generate).
+        self.excluded_tokens = placeholder_token_ids(self.model)
         if self.freeze_vision and self.is_multimodal:
             freeze_vision_tower(self.model)
         if self.loss_config.beta > 0:
@@ -322,7 +325,8 @@ class GRPOModule(LightningModule):
         eos = eos_token_ids(self.model, self.tokenizer)
         completion_ids = generate(self.model, ids, mask, eos=eos, pad=self.tokenizer.pad_token_id,
                                   max_new_tokens=self.max_new_tokens, do_sample=do_sample,
-                                  temperature=self.temperature, top_p=self.top_p, image_inputs=image_inputs)  # fmt: skip
+                                  temperature=self.temperature, top_p=self.top_p, image_inputs=image_inputs,
+                                  suppress=self.excluded_tokens)  # fmt: skip
         completion_mask, truncated = first_eos_mask(completion_ids, eos)
         texts = decode(self.tokenizer, completion_ids, completion_mask)
         return Rollout(ids, mask, completion_ids, completion_mask, texts, truncated, image_inputs)
@@ -343,9 +347,10 @@ class GRPOModule(LightningModule):
         """Per-token ℓ/H (/SC) of the rollout's completion tokens under ``model`` (temperature-scaled logits)."""
         logits = completion_logits(model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
                                    rollout.completion_mask, rollout.image_inputs)  # fmt: skip
+        excluded = torch.tensor(self.excluded_tokens, device=logits.device) if self.excluded_tokens else None
         return token_stats(logits, rollout.completion_ids, rollout.completion_mask, self.temperature,
                            entropy=entropy, entropy_grad=entropy_grad, self_certainty=self_certainty,
-                           chunk_size=self.entropy_chunk_size)  # fmt: skip
+                           chunk_size=self.entropy_chunk_size, excluded=excluded)  # fmt: skip
 
     @torch.no_grad()
     def _model_stats(self, rollout: Rollout, columns: dict[str, Any]) -> torch.Tensor | None:

@@ -32,6 +32,19 @@ def load_policy(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
     return auto.from_pretrained(folder, dtype=dtype)
 
 
+# Config fields naming the tokens that mark where image/video features go; a completion must never contain one.
+PLACEHOLDER_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
+                      "image_token_index", "video_token_index")
+
+
+def placeholder_token_ids(model: torch.nn.Module) -> list[int]:
+    """Image/video placeholder ids of an image-text model's config (empty for a text-only model)."""
+    config = model.config
+    if not hasattr(config, "vision_config"):
+        return []
+    return sorted({v for f in PLACEHOLDER_FIELDS if isinstance(v := getattr(config, f, None), int) and v >= 0})
+
+
 def freeze_vision_tower(model: torch.nn.Module) -> int:
     """Freeze every vision-encoder submodule (spec §5 default: only the language model trains); returns how many
     parameters were frozen. A model without a recognisable vision tower is refused rather than silently trained."""
