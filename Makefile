@@ -1,12 +1,12 @@
 # The two commands of the README:
-#   make demo   create .venv, install everything, run the embedded demo
+#   make demo   create .venv, install everything, run the embedded demo (text, then multimodal)
 #   make test   create .venv, install everything, run the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.litforge-installed
 
-.PHONY: install demo test
+.PHONY: install demo demo-vl test
 install: $(STAMP)
 
 # torch is installed first and pinned exactly: a looser pin would pull a multi-GB CUDA build.
@@ -23,6 +23,12 @@ demo: install
 	$(BIN)/litforge validate -c configs/demo/barber_wanda_quick.yaml
 	$(BIN)/litforge validate -c configs/demo/aptq_quick.yaml
 	$(BIN)/litforge fit -c configs/demo/grpo_phased_quick.yaml
+	$(MAKE) demo-vl
+
+# The multimodal half: the SFT warm start of a tiny Qwen2-VL (publishes tiny-qwen2-vl-grounding), then GRPO on it.
+demo-vl: install
+	$(BIN)/litforge fit -c configs/sft/tiny_vl_grounding.yaml
+	$(BIN)/litforge fit -c configs/demo/grpo_phased_vl_quick.yaml
 
 test: install
 	$(BIN)/python -m pytest

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 
 from benchmarks.table_format import DASH, Table, dates, number, order
 
@@ -48,6 +49,37 @@ def noise_caption(meta: dict, rows: list[dict]) -> str:
             f"last step; AUC = mean over the validations; entropy and noisy-label agreement (corrupted training rows "
             f"whose label the policy reproduced) at the last step; {machine.get('cpu_count', '?')} CPUs, "
             f"torch {machine.get('torch', '?')}; {dates(meta, rows)}, `{meta.get('command', '?')}`._")
+
+
+def seed_summary(rows: list[dict]) -> list[dict]:
+    """One row per (method, noise rate): mean ± std over the seeds actually run, and which seeds those were."""
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["noise_rate"]), []).append(row)
+    out = []
+    for (method, rate), runs in groups.items():
+        after = [r["clean_acc_after"] for r in runs]
+        before = [r["clean_acc_before"] for r in runs]
+        auc = [r["clean_acc_auc"] for r in runs if r.get("clean_acc_auc") is not None]
+        out.append({"method": method, "noise_rate": rate, "seeds": sorted(r["seed"] for r in runs),
+                    "before": statistics.mean(before), "after_mean": statistics.mean(after),
+                    "after_std": statistics.pstdev(after), "auc_mean": statistics.mean(auc) if auc else None,
+                    "gain": statistics.mean(a - b for a, b in zip(after, before))})
+    return out
+
+
+def summary_cells(row: dict) -> list[str]:
+    return [row["method"], f"{row['noise_rate']:g}", ", ".join(map(str, row["seeds"])), number(row["before"], 3),
+            f"{row['after_mean']:.3f} ± {row['after_std']:.3f}", f"{row['gain']:+.3f}", number(row["auc_mean"], 3)]
+
+
+def summary_caption(meta: dict, rows: list[dict]) -> str:
+    settings = meta.get("settings", {})
+    return (f"_Mean ± population std over the seeds listed (each seed: its own corrupted labels and sampling); "
+            f"{meta.get('model', '?')} on {meta.get('task', '?')}, {settings.get('steps', '?')} optimizer steps of "
+            f"{settings.get('prompts_per_batch', '?')} prompts × G={settings.get('num_generations', '?')}, lr "
+            f"{settings.get('learning_rate', '?')}; clean accuracy on {settings.get('num_val', '?')} held-out images "
+            f"(one image = {1 / max(settings.get('num_val', 1), 1):.4f}); the per-run table below lists every run._")
 
 
 def demo_cells(row: dict) -> list[str]:
@@ -146,6 +178,19 @@ TABLES: dict[str, Table] = {
                  "noisy-label agreement"),
         cells=noise_cells, sort_key=noise_sort_key, caption=noise_caption,
         producer="python benchmarks/noise_study.py --mode reduced --out benchmarks/results/noise_study.json"),
+    "noise_study_vl_summary": Table(
+        results="benchmarks/results/noise_study_vl.json",
+        headers=("method", "noise", "seeds", "clean acc before", "clean acc after (mean ± std)", "mean Δ",
+                 "mean AUC"),
+        cells=summary_cells, sort_key=lambda row: (row["noise_rate"], order(NOISE_METHODS, row["method"])),
+        caption=summary_caption, regroup=seed_summary,
+        producer="python benchmarks/noise_study_vl.py --out benchmarks/results/noise_study_vl.json"),
+    "noise_study_vl": Table(
+        results="benchmarks/results/noise_study_vl.json",
+        headers=("method", "noise", "seed", "clean acc before", "clean acc after", "Δ", "AUC", "entropy",
+                 "noisy-label agreement"),
+        cells=noise_cells, sort_key=noise_sort_key, caption=noise_caption,
+        producer="python benchmarks/noise_study_vl.py --out benchmarks/results/noise_study_vl.json"),
     "strategies": Table(
         results="benchmarks/results/strategy_check.json",
         headers=("capability", "single device", "ddp", "fsdp", "deepspeed"),

@@ -39,6 +39,7 @@ def test_every_baseline_overlay_is_a_study_method():
     """The methods of the study are the phased config plus its overlays (spec §6.1, M1–M8)."""
     overlays = {p.stem for p in (REPO_ROOT / "configs" / "grpo" / "overlays").glob("*.yaml")}
     assert set(noise_study.METHODS) == overlays | {"phased"}
+    assert {p.stem for p in (REPO_ROOT / "configs" / "grpo" / "vl_overlays").glob("*.yaml")} == overlays
 
 
 def test_summary_averages_seeds_and_the_plot_is_written(tmp_path):
@@ -90,3 +91,26 @@ def test_demo_and_throughput_tables_render_their_rows(tmp_path):
     text = render_readme.render_table(render_readme.TABLES["grpo_throughput"], speed)
     assert "| mu1-beta0 | 8 | 8 | 32 | 20.00 | 5.00 | 15.00 | 640 | 32.0 | 3000 |" in text
     assert read_results(speed)["rows"][0]["device"] == "cpu"
+
+
+def test_seed_summary_table_averages_each_method_and_rate_over_the_seeds_run(tmp_path):
+    rows = [study_row("phased", 0.4, 0, 0.3, 0.5), study_row("phased", 0.4, 1, 0.3, 0.3),
+            study_row("vanilla", 0.4, 2, 0.3, 0.35), study_row("vanilla", 0.0, 0, 0.3, 0.4)]
+    results = tmp_path / "vl.json"
+    write_results(results, rows, {**META, "settings": {**META["settings"], "num_val": 256}})
+    text = render_readme.render_table(render_readme.TABLES["noise_study_vl_summary"], results)
+    lines = [line for line in text.splitlines() if line.startswith("| ") and "method" not in line]
+    assert lines == ["| vanilla | 0 | 0 | 0.300 | 0.400 ± 0.000 | +0.100 | 0.350 |",
+                     "| vanilla | 0.4 | 2 | 0.300 | 0.350 ± 0.000 | +0.050 | 0.325 |",
+                     "| phased | 0.4 | 0, 1 | 0.300 | 0.400 ± 0.100 | +0.100 | 0.350 |"]
+    assert "one image = 0.0039" in text
+
+
+def test_the_multimodal_study_runs_known_methods_at_the_grounding_settings():
+    from benchmarks import noise_study_vl
+
+    names = noise_study_vl.all_runs()
+    assert set(noise_study_vl.BENCHMARK.selected_runs("full", None)) <= set(names)
+    settings = noise_study_vl.MODES["full"][0]
+    assert (settings.model, settings.task) == ("tiny-qwen2-vl-grounding", "image_grounding")
+    assert settings.steps * settings.prompts_per_batch <= settings.num_train  # one pass: no image seen twice
