@@ -6,7 +6,9 @@
 Capabilities: ``evaluate`` (CausalLM perplexity), ``prune`` (Wanda + LLM-Barber), ``quantize`` (APTQ mixed
 precision) and ``grpo`` (two GRPOModule optimizer steps), on the embedded SmolLM2 (or ``--model``) with tiny
 data so that the whole matrix takes minutes. Strategies: ``auto`` (one device), ``ddp`` (2 processes on CPU,
-all visible GPUs otherwise), ``fsdp`` and ``deepspeed``. Every cell runs in its own process and ends as
+all visible GPUs otherwise), ``fsdp``, ``deepspeed`` and ``multinode`` (Lightning's multi-node ddp on this
+machine: one ``litforge`` process per "node", ``NODE_RANK`` 0 and 1, ``--trainer.num_nodes 2``, meeting at one
+``MASTER_ADDR:MASTER_PORT`` as two machines would). Every cell runs in its own process(es) and ends as
 
 - ``ok``: the command finished (exit 0);
 - ``refused``: it stopped before any work with a message naming the strategy (ours, or Lightning's);
@@ -35,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import REPO_ROOT, metadata, now_iso, write_results  # noqa: E402
 
-STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed")
+STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed", "multinode")
 CAPABILITIES = ("evaluate", "prune", "quantize", "grpo")
 # What a refusal says: our callbacks' and module's messages, and Lightning's own checks.
 REFUSAL_MARKERS = ("does not support the", "requires a GPU accelerator", "`deepspeed` package", "DeepSpeed",
@@ -84,13 +86,16 @@ def config(capability: str, model: str, run_dir: Path) -> tuple[str, dict[str, A
 
 
 def devices_for(strategy: str, accelerator: str) -> int:
+    """Devices per node: one for ``auto``; 2 CPU processes (``multinode``: 1 per node); else every GPU (split over
+    the two nodes for ``multinode``)."""
     if strategy == "auto":
         return 1
     if accelerator == "cpu":
-        return 2
+        return 1 if strategy == "multinode" else 2
     import torch
 
-    return max(torch.cuda.device_count(), 1)
+    count = max(torch.cuda.device_count(), 1)
+    return max(count // 2, 1) if strategy == "multinode" else count
 
 
 def free_port() -> int:
@@ -106,25 +111,43 @@ def run_cell(capability: str, strategy: str, accelerator: str, model: str) -> di
         path = run_dir / "config.yaml"
         path.write_text(yaml.safe_dump(cfg))
         devices = devices_for(strategy, accelerator)
-        cmd = [sys.executable, "-m", "lit_modules.cli", subcommand, "-c", str(path), "--trainer.strategy", strategy,
+        flags = (["--trainer.strategy", "ddp", "--trainer.num_nodes", "2"] if strategy == "multinode" else
+                 ["--trainer.strategy", strategy])  # fmt: skip
+        cmd = [sys.executable, "-m", "lit_modules.cli", subcommand, "-c", str(path), *flags,
                "--trainer.accelerator", accelerator, "--trainer.devices", str(devices)]
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+        nodes = 2 if strategy == "multinode" else 1
         started = time.perf_counter()
-        try:
-            done = subprocess.run(cmd, cwd=run_dir, env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
-                                  start_new_session=True)
-            code, output = done.returncode, done.stdout + done.stderr
-        except subprocess.TimeoutExpired as timeout:
-            code, output = None, f"timed out after {TIMEOUT_S} s\n{timeout.stderr or ''}"
+        code, output = run_nodes(cmd, run_dir, env, nodes)
     seconds = time.perf_counter() - started
     message = last_error_line(output) if code != 0 else ""
     outcome = "ok" if code == 0 else "refused" if any(m in message for m in REFUSAL_MARKERS) else "failed"
     return {"capability": capability, "strategy": strategy, "accelerator": accelerator, "devices": devices,
-            "command": f"litforge {subcommand} -c <{capability} config> --trainer.strategy {strategy} "
-                       f"--trainer.accelerator {accelerator} --trainer.devices {devices}",
+            "command": (f"NODE_RANK=<0|1> " if nodes > 1 else "") + f"litforge {subcommand} -c <{capability} config> "
+                       f"{' '.join(flags)} --trainer.accelerator {accelerator} --trainer.devices {devices}",
             "outcome": outcome, "exit_code": code, "message": message, "seconds": seconds,
             "output_tail": output[-3000:] if outcome == "failed" else "", "date": now_iso()}
+
+
+def run_nodes(cmd: list[str], run_dir: Path, env: dict[str, str], nodes: int) -> tuple[int | None, str]:
+    """Run ``cmd`` once per node (``NODE_RANK`` set when there are several); (first non-zero exit code or 0, output).
+    A new session per process, so that a timeout can kill ranks blocked in a collective."""
+    processes = [subprocess.Popen(cmd, cwd=run_dir, env={**env, **({"NODE_RANK": str(n)} if nodes > 1 else {})},
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                 for n in range(nodes)]  # fmt: skip
+    deadline, codes, outputs = time.monotonic() + TIMEOUT_S, [], []
+    for process in processes:
+        try:
+            outputs.append(process.communicate(timeout=max(deadline - time.monotonic(), 1))[0])
+            codes.append(process.returncode)
+        except subprocess.TimeoutExpired:
+            for other in processes:
+                os.killpg(other.pid, 9)
+            outputs.append(f"timed out after {TIMEOUT_S} s\n" + (process.communicate()[0] or ""))
+            codes.append(None)
+    failed = [c for c in codes if c != 0]
+    return (failed[0] if failed else 0), "\n".join(outputs)
 
 
 def last_error_line(output: str) -> str:

@@ -115,7 +115,7 @@ def throughput_caption(meta: dict, rows: list[dict]) -> str:
 
 
 # -- strategies ------------------------------------------------------------------------------------
-STRATEGY_COLUMNS = ("auto", "ddp", "fsdp", "deepspeed")
+STRATEGY_COLUMNS = ("auto", "ddp", "fsdp", "deepspeed", "multinode")
 CAPABILITY_NAMES = {"evaluate": "`CausalLM` evaluation", "prune": "`Pruning` (Wanda + LLM-Barber)",
                     "quantize": "`Quantization` (APTQ mixed precision)", "grpo": "`GRPOModule` fit"}
 # The tests behind a "tested" cell: single device, the capability's own test module; ddp, the test that compares
@@ -126,7 +126,12 @@ STRATEGY_TESTS = {("evaluate", "auto"): "tests/test_causal_lm.py", ("prune", "au
                   ("evaluate", "ddp"): _DDP + "test_ddp_perplexity_shards_without_padding_and_matches_single_process",
                   ("prune", "ddp"): _DDP + "test_ddp_compression_matches_single_process",
                   ("quantize", "ddp"): _DDP + "test_ddp_compression_matches_single_process",
-                  ("grpo", "ddp"): _DDP + "test_grpo_ddp_fit_keeps_identical_weights_on_both_ranks"}
+                  ("grpo", "ddp"): _DDP + "test_grpo_ddp_fit_keeps_identical_weights_on_both_ranks",
+                  ("evaluate", "multinode"): _DDP + "test_ddp_perplexity_shards_without_padding_and_matches_single_"
+                                                    "process[multinode]",
+                  ("prune", "multinode"): _DDP + "test_ddp_compression_matches_single_process[wanda-multinode]",
+                  ("quantize", "multinode"): _DDP + "test_ddp_compression_matches_single_process[aptq_mixed-multinode]",
+                  ("grpo", "multinode"): _DDP + "test_grpo_ddp_fit_keeps_identical_weights_on_both_ranks[multinode]"}
 
 
 def strategy_rows(rows: list[dict]) -> list[dict]:
@@ -193,7 +198,7 @@ TABLES: dict[str, Table] = {
         producer="python benchmarks/noise_study_vl.py --out benchmarks/results/noise_study_vl.json"),
     "strategies": Table(
         results="benchmarks/results/strategy_check.json",
-        headers=("capability", "single device", "ddp", "fsdp", "deepspeed"),
+        headers=("capability", "single device", "ddp", "fsdp", "deepspeed", "multi-node (2 nodes)"),
         cells=strategy_cells, sort_key=lambda row: list(CAPABILITY_NAMES).index(row["capability"]),
         caption=strategy_caption, regroup=strategy_rows,
         producer="python benchmarks/strategy_check.py --out benchmarks/results/strategy_check.json"),

@@ -1,4 +1,5 @@
-"""Pruning and quantization under DDP (CPU, gloo, 2 processes) through the ``litforge`` CLI (pruning spec §7, §9 test 13).
+"""Pruning, quantization and GRPO under DDP (CPU, gloo, 2 processes; also as 2 "nodes") through the ``litforge`` CLI
+(pruning spec §7, §9 test 13).
 
 Each case runs the same YAML in subprocesses, once on one process and once with
 ``--trainer.strategy ddp --trainer.devices 2`` (one case also with ``ddp_spawn``), and checks that
@@ -77,13 +78,20 @@ def _config(model_dir: Path, corpus: Path, run_dir: Path, case: dict) -> dict:
 def launch(config: dict, run_dir: Path, strategy: str, subcommand: str = "validate") -> float:
     """``litforge <subcommand>`` with ``strategy`` ("auto": 1 process, else 2 CPU processes); returns seconds.
 
-    The rendezvous port is picked free just before the launch; if another process grabs it in between (the
-    probe socket is closed by then), the launch is retried on a new port instead of failing the test.
+    ``"multinode"`` runs Lightning's multi-node DDP on this machine: two ``litforge`` processes, one per "node"
+    (``NODE_RANK`` 0 and 1, ``--trainer.num_nodes 2 --trainer.devices 1``), meeting at one ``MASTER_ADDR:PORT``
+    exactly as two machines would. The rendezvous port is picked free just before the launch; if another process
+    grabs it in between (the probe socket is closed by then), the launch is retried on a new port instead of failing
+    the test.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    devices = 1 if strategy == "auto" else 2
+    command = [sys.executable, "-m", "lit_modules.cli", subcommand, "-c", str(config_path)]
+    if strategy == "multinode":
+        nodes = [command + ["--trainer.strategy", "ddp", "--trainer.num_nodes", "2", "--trainer.devices", "1"]] * 2
+    else:
+        nodes = [command + ["--trainer.strategy", strategy, "--trainer.devices", "1" if strategy == "auto" else "2"]]
     for attempt in range(3):
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
@@ -93,21 +101,26 @@ def launch(config: dict, run_dir: Path, strategy: str, subcommand: str = "valida
             env.pop(var, None)  # never inherit a launcher's rank from the pytest process
         started = time.perf_counter()
         # A new session, so that a timeout kills rank 1 too: ranks blocked in a gloo collective ignore SIGTERM.
-        process = subprocess.Popen(
-            [sys.executable, "-m", "lit_modules.cli", subcommand, "-c", str(config_path),
-             "--trainer.strategy", strategy, "--trainer.devices", str(devices)],
-            cwd=run_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        )
-        try:
-            stdout, stderr = process.communicate(timeout=RUN_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            stdout, stderr = process.communicate()
-            pytest.fail(f"{strategy} run on {devices} process(es) did not finish in {RUN_TIMEOUT_S}s (a collective "
-                        f"that not every rank joined?)\n{stderr[-6000:]}")
-        if process.returncode != 0 and "address already in use" in stderr.lower() and attempt < 2:
+        processes = [subprocess.Popen(cmd, cwd=run_dir, env={**env, **({"NODE_RANK": str(node)} if len(nodes) > 1
+                                                                      else {})},
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                     for node, cmd in enumerate(nodes)]  # fmt: skip
+        outputs = []
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        for process in processes:
+            try:
+                outputs.append(process.communicate(timeout=max(deadline - time.monotonic(), 1)))
+            except subprocess.TimeoutExpired:
+                for other in processes:
+                    os.killpg(other.pid, signal.SIGKILL)
+                stderr = process.communicate()[1]
+                pytest.fail(f"{strategy} run did not finish in {RUN_TIMEOUT_S}s (a collective that not every rank "
+                            f"joined?)\n{stderr[-6000:]}")
+        if any(p.returncode != 0 and "address already in use" in err.lower() for p, (_, err) in zip(processes, outputs)
+               ) and attempt < 2:  # fmt: skip
             continue
-        assert process.returncode == 0, f"exit {process.returncode}\n{stdout[-4000:]}\n{stderr[-8000:]}"
+        for process, (stdout, stderr) in zip(processes, outputs):
+            assert process.returncode == 0, f"exit {process.returncode}\n{stdout[-4000:]}\n{stderr[-8000:]}"
         return time.perf_counter() - started
     raise AssertionError("unreachable")
 
@@ -154,7 +167,9 @@ def runs(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("case", "strategy"), [(case, "ddp") for case in CASES] + [("wanda_barber", "ddp_spawn")])
+@pytest.mark.parametrize(("case", "strategy"), [(case, "ddp") for case in CASES] + [("wanda_barber", "ddp_spawn"),
+                                                                                      ("wanda", "multinode"),
+                                                                                      ("aptq_mixed", "multinode")])
 def test_ddp_compression_matches_single_process(case, strategy, runs):
     single, ddp = runs(case, strategy)
     reference = single["probes"][0]
@@ -187,9 +202,10 @@ def test_ddp_compression_matches_single_process(case, strategy, runs):
 
 
 @pytest.mark.slow
-def test_ddp_perplexity_shards_without_padding_and_matches_single_process(runs):
+@pytest.mark.parametrize("strategy", ["ddp", "multinode"])
+def test_ddp_perplexity_shards_without_padding_and_matches_single_process(runs, strategy):
     """Validation perplexity under DDP equals the 1-process value (spec §5.1: no ``DistributedSampler`` padding)."""
-    single, ddp = runs("wanda")  # the runs of test_ddp_compression_matches_single_process[wanda-ddp]
+    single, ddp = runs("wanda", strategy)  # the runs of test_ddp_compression_matches_single_process[wanda-...]
     windows = single["probes"][0]["windows"]
     assert len(windows) == EVAL_WINDOWS
     shards = [ddp["probes"][rank]["windows"] for rank in (0, 1)]
@@ -201,9 +217,11 @@ def test_ddp_perplexity_shards_without_padding_and_matches_single_process(runs):
 
 
 @pytest.mark.slow
-def test_grpo_ddp_fit_keeps_identical_weights_on_both_ranks(tmp_path):
-    """GRPOModule, 2 CPU processes: each rank samples its own prompts, DDP averages the gradients, so after every
-    optimizer step both ranks hold the same policy — and that policy moved away from the initial one."""
+@pytest.mark.parametrize("strategy", ["ddp", "multinode"])
+def test_grpo_ddp_fit_keeps_identical_weights_on_both_ranks(tmp_path, strategy):
+    """GRPOModule, 2 CPU processes (one machine, or two "nodes"): each rank samples its own prompts, DDP averages
+    the gradients, so after every optimizer step both ranks hold the same policy — and that policy moved away from
+    the initial one."""
     model_dir = save_tiny_model("llama", tmp_path / "tiny-llama")
     run_dir = tmp_path / "grpo"
     config = {
@@ -219,7 +237,7 @@ def test_grpo_ddp_fit_keeps_identical_weights_on_both_ranks(tmp_path):
         "data": {"class_path": "datamodules.rlvr.RLVRDataModule",
                  "init_args": {"source": "add_1digit", "num_train": 8, "num_val": 4, "prompts_per_batch": 2}},
     }
-    launch(config, run_dir, "ddp", subcommand="fit")
+    launch(config, run_dir, strategy, subcommand="fit")
     probes = read_probes(run_dir / "probe", 2)
     assert probes[0]["world_size"] == 2 and probes[0]["global_step"] == probes[1]["global_step"] == 2
     assert probes[0]["weights_sha256"] == probes[1]["weights_sha256"]
