@@ -97,7 +97,7 @@ def _fit(module, logger=None, ckpt_path=None, callbacks=(), **kwargs) -> Trainer
     "option, value",
     [("num_generations", 1), ("loss_type", "ppo"), ("scale_rewards", "std"), ("epsilon_low", -0.1),
      ("epsilon_high", -1.0), ("temperature", 0.0), ("top_p", 1.5), ("max_new_tokens", 0), ("beta", -0.1),
-     ("num_iterations", 0), ("learning_rate", 0.0), ("total_steps", 0), ("entropy_chunk_size", 0),
+     ("num_iterations", 0), ("learning_rate", 0.0), ("total_steps", 0), ("entropy_chunk_size", 0), ("zero_reward_patience", 0),
      ("dtype", "int8"), ("rewards", ["no_such_reward"]), ("entropy_schedule", "no_such_schedule")],
 )  # fmt: skip
 def test_invalid_options_fail_eagerly_naming_option_and_value(tiny_model_dir, option, value):
@@ -209,8 +209,22 @@ def test_sharded_strategies_are_refused_naming_the_strategy_and_the_alternative(
     from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
-    from lit_modules.grpo.module import refuse_sharded_strategy
+    from lit_modules.grpo.policy import refuse_sharded_strategy
 
     with pytest.raises(MisconfigurationException, match=r"FSDPStrategy strategy.*strategy='ddp'"):
         refuse_sharded_strategy(FSDPStrategy())
     refuse_sharded_strategy(DDPStrategy())  # replicated parameters: allowed
+
+
+class NeverRewarded:
+    name = "never"
+
+    def __call__(self, prompts, completions, **columns):
+        return [0.0] * len(completions)
+
+
+def test_a_policy_that_is_never_rewarded_is_reported_once(tiny_model_dir):
+    module = _module(tiny_model_dir("llama"), rewards=[NeverRewarded()], zero_reward_patience=2)
+    with pytest.warns(UserWarning, match="no completion earned any reward for 2 steps") as caught:
+        _fit(module, max_steps=4, limit_val_batches=0)
+    assert sum("no completion earned any reward" in str(w.message) for w in caught) == 1

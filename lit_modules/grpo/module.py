@@ -17,7 +17,6 @@ from typing import Any, Literal
 
 import torch
 from lightning import LightningModule
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
@@ -31,12 +30,18 @@ from lit_modules.grpo.loss import (
     check_choice,
     group_advantages,
     grpo_loss,
-    reward_metrics,
     token_stats,
 )
-from lit_modules.grpo.multimodal import check_image_tokens, encode_image_prompts, expand_prompts, images_per_sample
-from lit_modules.grpo.policy import freeze_vision_tower, is_image_text_model, load_policy, placeholder_token_ids
+from lit_modules.grpo.multimodal import image_prompts
+from lit_modules.grpo.policy import (
+    freeze_vision_tower,
+    is_image_text_model,
+    load_policy,
+    placeholder_token_ids,
+    refuse_sharded_strategy,
+)
 from lit_modules.grpo.rewards import RewardSet, reward_name, weighted_sum
+from lit_modules.grpo.step_metrics import step_metrics
 from lit_modules.grpo.rollout import (
     Rollout,
     completion_logits,
@@ -44,7 +49,6 @@ from lit_modules.grpo.rollout import (
     eos_token_ids,
     first_eos_mask,
     generate,
-    label_metrics,
     label_scores,
     repeat_column,
     reward_columns,
@@ -54,20 +58,6 @@ from lit_modules.grpo.rollout import (
 log = logging.getLogger(__name__)
 
 RewardSpec = str | dict[str, Any] | Callable[..., list]
-
-
-# Strategies that shard the policy's parameters: generation under them is not implemented (nor tested) yet.
-SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
-
-
-def refuse_sharded_strategy(strategy: object) -> None:
-    """One clear error, before any model is loaded, for a strategy GRPOModule cannot run under yet."""
-    refused = sorted({cls.__name__ for cls in type(strategy).__mro__} & set(SHARDED_STRATEGIES))
-    if refused:
-        raise MisconfigurationException(
-            f"GRPOModule does not support the {refused[0]} strategy yet: generating completions needs the full "
-            "parameters, and sampling with sharded ones is not implemented. Use strategy='ddp' (the policy is "
-            "replicated on every device; tested), or a single device.")
 
 
 def _require(ok: bool, option: str, value: Any, allowed: str) -> None:
@@ -104,6 +94,7 @@ class GRPOModule(LightningModule):
         entropy_chunk_size: positions per fp32 chunk of the log-prob/entropy maths (memory bound).
         max_grad_norm: gradient-norm clipping before each optimizer step (None: off).
         freeze_vision: for image-text models, keep the vision tower frozen (only the language model trains).
+        zero_reward_patience: warn once when no completion is rewarded for this many steps in a row (None: never).
 
     Image-text models (a folder whose config is a transformers image-text-to-text model, e.g. Qwen2-VL/Qwen2.5-VL)
     load with their processor; batches then carry an ``image`` column (one PIL image, or a list, per prompt) and
@@ -134,6 +125,7 @@ class GRPOModule(LightningModule):
         entropy_chunk_size: int = 128,
         max_grad_norm: float | None = 1.0,
         freeze_vision: bool = True,
+        zero_reward_patience: int | None = 10,
     ):
         super().__init__()
         check_model_source(model_name_or_path, option="model_name_or_path")
@@ -150,6 +142,8 @@ class GRPOModule(LightningModule):
         _require(total_steps is None or total_steps >= 1, "total_steps", total_steps, "None or an int >= 1")
         _require(entropy_chunk_size >= 1, "entropy_chunk_size", entropy_chunk_size, "an int >= 1")
         _require(max_grad_norm is None or max_grad_norm > 0, "max_grad_norm", max_grad_norm, "None or a float > 0")
+        _require(zero_reward_patience is None or zero_reward_patience >= 1, "zero_reward_patience",
+                 zero_reward_patience, "None or an int >= 1")  # fmt: skip
         # GRPOLossConfig validates loss_type, epsilon_low/high and beta with the same kind of message.
         self.loss_config = GRPOLossConfig(loss_type=loss_type, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
                                           beta=beta, max_completion_length=max_new_tokens)  # fmt: skip
@@ -174,6 +168,7 @@ class GRPOModule(LightningModule):
         self.max_new_tokens, self.scale_rewards, self.num_iterations = max_new_tokens, scale_rewards, num_iterations
         self.learning_rate, self.weight_decay, self.total_steps = learning_rate, weight_decay, total_steps
         self.entropy_chunk_size, self.max_grad_norm, self.freeze_vision = entropy_chunk_size, max_grad_norm, freeze_vision
+        self.zero_reward_patience, self._zero_reward_steps = zero_reward_patience, 0
         # Manual optimisation (spec §1.4): generation, μ optimizer steps per generated batch and the loss scaling
         # are ours to control; automatic optimisation allows one step per training_step and would also re-run
         # training_step (i.e. re-generate) inside the optimizer closure.
@@ -295,6 +290,7 @@ class GRPOModule(LightningModule):
         scores = self.reward_set.scores(list(repeat_column(batch["prompt"], self.num_generations)),
                                         rollout.completions, **columns)  # fmt: skip
         rewards = weighted_sum(scores, self.reward_set.weights)
+        self._warn_if_never_rewarded(rewards)
         advantages = group_advantages(rewards, self.num_generations, self.scale_rewards).to(self.device)
         first_coef, outputs = self.entropy_coef(), []
         for _ in range(self.num_iterations):
@@ -309,19 +305,14 @@ class GRPOModule(LightningModule):
                ) -> Rollout:  # fmt: skip
         """Tokenise (left-padded; images through the processor, once), expand each prompt ``repeats`` times,
         generate and mask the completions."""
-        image_inputs = {}
         if images is not None:
             if self.processor is None:
                 raise ValueError(f"the batch has an 'image' column but model_name_or_path={self.model_name_or_path!r} "
                                  "is a text-only model; allowed: an image-text model folder (e.g. Qwen2-VL)")
-            ids, mask, extras = encode_image_prompts(self.processor, prompts, images, self.device, self.model.dtype)
-            counts = images_per_sample(images)
-            check_image_tokens(ids, extras["image_grid_thw"], counts, self.model.config.image_token_id,
-                               self.processor.image_processor.merge_size)  # fmt: skip
-            ids, mask, image_inputs = expand_prompts(ids, mask, extras, counts, repeats)
+            ids, mask, image_inputs = image_prompts(self.processor, prompts, images, repeats, self.model)
         else:
             ids, mask = tokenize_prompts(self.tokenizer, prompts, self.device)
-            ids, mask = ids.repeat_interleave(repeats, dim=0), mask.repeat_interleave(repeats, dim=0)
+            ids, mask, image_inputs = ids.repeat_interleave(repeats, dim=0), mask.repeat_interleave(repeats, dim=0), {}
         eos = eos_token_ids(self.model, self.tokenizer)
         completion_ids = generate(self.model, ids, mask, eos=eos, pad=self.tokenizer.pad_token_id,
                                   max_new_tokens=self.max_new_tokens, do_sample=do_sample,
@@ -408,27 +399,23 @@ class GRPOModule(LightningModule):
     # -- metrics -------------------------------------------------------------------------------------
     def _log_step(self, batch, rollout: Rollout, rewards, scores, outputs: list[GRPOLossOutput],
                   first_coef: float, timing: dict[str, float]) -> None:  # fmt: skip
-        """TRL-named ``train/`` metrics; loss metrics are averaged over the μ updates, λ is the first update's."""
-        metrics: dict[str, float] = {k: float(v) for k, v in reward_metrics(rewards, self.num_generations).items()}
-        for name, row in zip(self.reward_set.names, scores):
-            metrics[f"rewards/{name}/mean"] = float(row.nanmean())
-            metrics[f"rewards/{name}/std"] = float(row[~row.isnan()].std()) if (~row.isnan()).sum() > 1 else 0.0
-        lengths = rollout.completion_mask.sum(dim=1).float()
-        metrics.update({"completion_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
-                        "completions/max_length": float(lengths.max()),
-                        "completions/clipped_ratio": float(rollout.truncated.float().mean())})  # fmt: skip
-        for key in outputs[0].metrics:
-            if key not in ("num_tokens", "entropy_coef"):
-                metrics[key] = sum(float(o.metrics[key]) for o in outputs) / len(outputs)
-        metrics["policy_loss"] = sum(float(o.policy_loss) for o in outputs) / len(outputs)
-        metrics["entropy_loss"] = sum(float(o.entropy_loss) for o in outputs) / len(outputs)
-        metrics["entropy_coef"] = first_coef
-        metrics["completion_tokens"] = float(lengths.sum())
-        metrics.update(timing)
-        metrics.update(label_metrics(rollout.completions, batch, self.num_generations))
+        metrics = step_metrics(batch, rollout, rewards, scores, self.reward_set.names, outputs, first_coef, timing,
+                               self.num_generations)  # fmt: skip
         # No sync_dist: per-step collectives would stall every rank; loggers record rank 0's values.
         self.log_dict({f"train/{k}": v for k, v in metrics.items() if math.isfinite(v)}, on_step=True,
                       on_epoch=False, batch_size=len(batch["prompt"]))  # fmt: skip
+
+    def _warn_if_never_rewarded(self, rewards: torch.Tensor) -> None:
+        """Spec §8.7: when no completion earns any reward for ``zero_reward_patience`` steps in a row, every group's
+        advantages are 0 and GRPO cannot learn; say so once instead of training silently on nothing."""
+        if self.zero_reward_patience is None:
+            return
+        self._zero_reward_steps = self._zero_reward_steps + 1 if not torch.nan_to_num(rewards).any() else 0
+        if self._zero_reward_steps == self.zero_reward_patience:
+            warnings.warn(f"no completion earned any reward for {self._zero_reward_steps} steps in a row (up to step "
+                          f"{self.trainer.global_step}): every advantage is 0, so GRPO has no signal. The base model "
+                          "cannot solve these prompts yet: warm-start it (e.g. supervised fine-tuning), use an "
+                          "easier task, or sample more completions (num_generations).", stacklevel=2)
 
     # -- validation: greedy decoding scored against clean labels ------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

@@ -132,3 +132,15 @@ def extend_over_completion(image_inputs: dict[str, Tensor], completion_ids: Tens
         if key in out:
             out[key] = torch.cat([out[key], torch.zeros_like(completion_ids, dtype=out[key].dtype)], dim=1)
     return out
+
+
+def image_prompts(processor, prompts: Sequence[str], images: Sequence, repeats: int, model
+                  ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:  # fmt: skip
+    """Image prompts processed once on the model's device, checked (image tokens vs grids), then repeated
+    ``repeats`` times per prompt: the tensors generation and every later pass use."""
+    ids, mask, extras = encode_image_prompts(processor, prompts, images, model.device, model.dtype)
+    counts = images_per_sample(images)
+    if "image_grid_thw" in extras:
+        check_image_tokens(ids, extras["image_grid_thw"], counts, model.config.image_token_id,
+                           processor.image_processor.merge_size)  # fmt: skip
+    return expand_prompts(ids, mask, extras, counts, repeats)
