@@ -25,15 +25,17 @@ from benchmarks.noise_study import LAMBDA, METHODS, Settings, describe, fit_run,
 MODEL = "tiny-qwen2-vl-grounding"
 TASK = "image_grounding"
 RATES = (0.0, 0.4, 0.8)
-SEEDS = (0, 1, 2)
+SEEDS = (0, 1, 2, 3, 4)
 # One pass over 2400 distinct training images (150 steps × 16 prompts): repeated images get memorised (measured:
 # 16 fixed prompts reach train reward 0.95 in 60 steps while clean accuracy falls). 256 validation images: one
 # image = 0.004.
 VL = Settings(steps=150, val_every=50, num_generations=8, prompts_per_batch=16, max_new_tokens=10,
               learning_rate=1e-4, num_train=2400, num_val=256, model=MODEL, task=TASK, data_seed=2)
 MODES: dict[str, tuple[Settings, tuple[str, ...] | None]] = {
-    # The paper's method against vanilla GRPO: every rate and seed of the grid (each run takes minutes on a CPU).
-    "full": (VL, tuple(run_name(m, r, s) for s in SEEDS for r in RATES for m in ("vanilla", "phased"))),
+    # The paper's method against vanilla GRPO: every rate with seeds 0-2, and two more seeds at 40% noise (the rate
+    # the issue asks about); about 2 minutes per run on one core.
+    "full": (VL, tuple(run_name(m, r, s) for s in SEEDS for r in RATES for m in ("vanilla", "phased")
+                       if s < 3 or r == 0.4)),
     "quick": (Settings(steps=2, val_every=2, num_generations=4, prompts_per_batch=2, max_new_tokens=10,
                        learning_rate=1e-4, num_train=8, num_val=8, model=MODEL, task=TASK, data_seed=2),
               ("phased-p0.4-s0",)),

@@ -81,7 +81,7 @@ def test_demo_and_throughput_tables_render_their_rows(tmp_path):
                           "clean_acc_before": 0.7, "clean_acc_after": 0.925, "wall_seconds": 305.2, "threads": 2,
                           "date": "2025-01-02"}], {"command": "python benchmarks/grpo_demo.py --out d.json"})
     text = render_readme.render_table(render_readme.TABLES["grpo_demo"], demo)
-    assert "| 0.700 | 0.925 | +0.225 | 305 | 2 |" in text and "40 held-out questions" in text
+    assert "| add_1digit | 0.4 | 16 | 40 | 0.700 | 0.925 | +0.225 | 305 | 2 |" in text
     speed = tmp_path / "t.json"
     write_results(speed, [{"run": "mu1-beta0", "num_generations": 8, "prompts": 8, "max_new_tokens": 32,
                            "seconds_per_optimizer_step": 20.0, "generation_seconds": 5.0, "update_seconds": 15.0,
