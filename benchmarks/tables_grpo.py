@@ -174,11 +174,16 @@ def strategy_cells(row: dict) -> list[str]:
 def strategy_caption(meta: dict, rows: list[dict]) -> str:
     cells = [c for r in rows for c in r.values() if isinstance(c, dict)]
     accelerators = sorted({c["accelerator"] for c in cells})
-    devices = sorted({f"{c['strategy']} {c['devices']}" for c in cells if c["strategy"] != "auto"})
+    devices = sorted({f"{c['strategy']} {'2 nodes × ' if c['strategy'] == 'multinode' else ''}{c['devices']}"
+                      for c in cells if c["strategy"] != "auto"})
+    commands = {c["strategy"]: c["command"].replace(f"<{c['capability']} config>", "<config>").replace(
+        "litforge fit ", "litforge validate|fit ").replace("litforge validate ", "litforge validate|fit ")
+        for c in cells}  # fmt: skip
     return (f"_Each cell ran `litforge` on {meta.get('model', '?')} with check-size data ({', '.join(accelerators)}; "
             f"devices: {', '.join(devices)}); \"runs\" = exit 0, \"refused\" = stopped before any work with "
             f"the message summarised; \"tested\" names the tests (for ddp, a comparison with the 1-process "
-            f"result); {dates(meta, cells)}, `{meta.get('command', '?')}`._")
+            f"result); {dates(meta, cells)}, `{meta.get('command', '?')}`. The command of each column: "
+            + "; ".join(f"{strategy}: `{command}`" for strategy, command in commands.items()) + "._")
 
 
 TABLES: dict[str, Table] = {
