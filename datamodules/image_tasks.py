@@ -5,7 +5,8 @@ square or triangle in one of four colours) occupies one cell. Four tasks:
 
 - ``grounding``: "Point to the red circle." — the label is the target's box ``[x1, y1, x2, y2]`` in pixels; the
   accuracy reward checks that the answered point lies inside it (GUI grounding, point-in-box);
-- ``shape`` / ``colour``: one object, "What shape / colour is the object?" (fine-grained classification);
+- ``shape`` / ``colour`` / ``pattern``: one object, "What shape / colour / pattern is the object?" (fine-grained
+  classification; a pattern is a solid, striped or dotted fill);
 - ``count``: 1–5 objects of one shape among distractors, "How many squares are there?".
 
 A record is ``{"id", "question", "label", "image", "wrong"}``; ``wrong`` lists, per label-noise kind, the wrong
@@ -21,7 +22,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageChops, ImageDraw
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS: dict[str, tuple[int, int, int]] = {"red": (220, 40, 40), "yellow": (235, 200, 30),
@@ -33,7 +34,10 @@ NEAR_SHAPES = {"circle": ("square",), "square": ("circle", "triangle"), "triangl
 # Systematic noise: one fixed derangement per class set (every class maps to another one).
 SYSTEMATIC_SHAPES = {"circle": "square", "square": "triangle", "triangle": "circle"}
 SYSTEMATIC_COLOURS = {"red": "yellow", "yellow": "green", "green": "blue", "blue": "red"}
-TASKS = ("grounding", "shape", "colour", "count")
+PATTERNS = ("solid", "striped", "dotted")
+NEAR_PATTERNS = {"solid": ("dotted",), "striped": ("dotted",), "dotted": ("solid", "striped")}
+SYSTEMATIC_PATTERNS = {"solid": "striped", "striped": "dotted", "dotted": "solid"}
+TASKS = ("grounding", "shape", "colour", "pattern", "count")
 NOISE_KINDS = ("near_miss", "uniform", "systematic")
 MAX_COUNT = 5
 
@@ -63,11 +67,10 @@ class ImageTask:
         return [col * self.cell, row * self.cell, (col + 1) * self.cell - 1, (row + 1) * self.cell - 1]
 
 
-def draw_object(draw: ImageDraw.ImageDraw, box: list[int], shape: str, colour: str) -> None:
+def draw_object(draw: ImageDraw.ImageDraw, box: list[int], shape: str, fill: tuple[int, ...] | int) -> None:
     """A filled ``shape`` inside ``box`` with a margin of 1/6 of the cell, so neighbours never touch."""
     margin = (box[2] - box[0] + 1) // 6
     x1, y1, x2, y2 = box[0] + margin, box[1] + margin, box[2] - margin, box[3] - margin
-    fill = COLOURS[colour]
     if shape == "circle":
         draw.ellipse((x1, y1, x2, y2), fill=fill)
     elif shape == "square":
@@ -76,12 +79,33 @@ def draw_object(draw: ImageDraw.ImageDraw, box: list[int], shape: str, colour: s
         draw.polygon([((x1 + x2) / 2, y1), (x2, y2), (x1, y2)], fill=fill)
 
 
-def render(task: ImageTask, objects: list[tuple[int, str, str]]) -> Image.Image:
-    """The canvas with ``(cell, shape, colour)`` objects drawn."""
+def pattern_mask(size: int, pattern: str) -> Image.Image:
+    """255 where a ``pattern`` fill paints: everywhere (solid), 3-pixel horizontal bands (striped), or 2 × 2 dots
+    every 5 pixels (dotted)."""
+    if pattern == "solid":
+        return Image.new("L", (size, size), 255)
+    mask = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(mask)
+    for y in range(0, size, 6 if pattern == "striped" else 5):
+        if pattern == "striped":
+            draw.rectangle((0, y, size - 1, y + 2), fill=255)
+        else:
+            for x in range(0, size, 5):
+                draw.rectangle((x, y, x + 1, y + 1), fill=255)
+    return mask
+
+
+def render(task: ImageTask, objects: list[tuple]) -> Image.Image:
+    """The canvas with ``(cell, shape, colour[, pattern])`` objects drawn (pattern: solid unless given)."""
     image = Image.new("RGB", (task.size, task.size), BACKGROUND)
     draw = ImageDraw.Draw(image)
-    for cell, shape, colour in objects:
-        draw_object(draw, task.box(cell), shape, colour)
+    for cell, shape, colour, *pattern in objects:
+        if not pattern or pattern[0] == "solid":
+            draw_object(draw, task.box(cell), shape, COLOURS[colour])
+            continue
+        mask = Image.new("L", image.size, 0)
+        draw_object(ImageDraw.Draw(mask), task.box(cell), shape, 255)
+        image.paste(COLOURS[colour], mask=ImageChops.multiply(mask, pattern_mask(task.size, pattern[0])))
     return image
 
 
@@ -106,15 +130,20 @@ def _cell_distance(task: ImageTask, a: int, b: int) -> float:
     return math.hypot(ra - rb, ca - cb)
 
 
+# attribute -> (its classes, near misses, systematic derangement)
+ATTRIBUTES = {"shape": (SHAPES, NEAR_SHAPES, SYSTEMATIC_SHAPES),
+              "colour": (tuple(COLOURS), NEAR_COLOURS, SYSTEMATIC_COLOURS),
+              "pattern": (PATTERNS, NEAR_PATTERNS, SYSTEMATIC_PATTERNS)}
+
+
 def _classify(task: ImageTask, rng: random.Random, attribute: str) -> dict[str, Any]:
     shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
     objects = [(rng.randrange(task.grid**2), shape, colour)]
-    label = shape if attribute == "shape" else colour
-    classes = SHAPES if attribute == "shape" else tuple(COLOURS)
-    near = NEAR_SHAPES if attribute == "shape" else NEAR_COLOURS
-    systematic = SYSTEMATIC_SHAPES if attribute == "shape" else SYSTEMATIC_COLOURS
-    noun = "shape" if attribute == "shape" else "colour"
-    return {"question": f"What {noun} is the object? Answer with one word.", "label": label, "objects": objects,
+    if attribute == "pattern":  # drawn on a square, the shape that shows a fill best
+        objects = [(objects[0][0], "square", colour, rng.choice(PATTERNS))]
+    label = {"shape": shape, "colour": colour, "pattern": objects[0][-1]}[attribute]
+    classes, near, systematic = ATTRIBUTES[attribute]
+    return {"question": f"What {attribute} is the object? Answer with one word.", "label": label, "objects": objects,
             "wrong": {"near_miss": list(near[label]), "uniform": [c for c in classes if c != label],
                       "systematic": [systematic[label]]}}
 

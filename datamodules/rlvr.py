@@ -124,8 +124,11 @@ def pick_rule(space: LabelSpace, noise_seed: int, rule: str | None) -> str:
     return rule
 
 
-def build_manifest(train: list[dict[str, Any]], rate: float, noise_seed: int,
-                   corrupt: Callable[[dict[str, Any], random.Random], Any]) -> tuple[dict[str, Any], set[str]]:  # fmt: skip
+Corruption = Callable[[dict[str, Any], random.Random], Any]  # (record, its own generator) -> a wrong label
+
+
+def build_manifest(train: list[dict[str, Any]], rate: float, noise_seed: int, corrupt: Corruption
+                   ) -> tuple[dict[str, Any], set[str]]:  # fmt: skip
     """(id -> training label, ids of corrupted examples); a pure function of the records, the rate, the seed and
     ``corrupt(record, rng)``, which returns a wrong label drawn from the example's own generator."""
     order = list(range(len(train)))
@@ -149,9 +152,9 @@ class RLVRDataModule(LightningDataModule):
     Args:
         source: a synthetic task (``add_1digit``, ``add_0_20``, ``add_10_49``, ``mul_1digit``, ``sub_0_20``, ...,
             or ``easy``/``medium``/``hard``), a generated-image task (``image_grounding``, ``image_shape``,
-            ``image_colour``, ``image_count``: rows then carry an ``image`` and prompts the processor's image
-            placeholder), a local ``.json``/``.jsonl`` file of ``{"question", "label"}`` records (optional
-            ``"id"``), or a ``datasets.save_to_disk`` folder with those columns.
+            ``image_colour``, ``image_pattern``, ``image_count``: rows then carry an ``image`` and prompts the
+            processor's image placeholder), a local ``.json``/``.jsonl`` file of ``{"question", "label"}``
+            records (optional ``"id"``), or a ``datasets.save_to_disk`` folder with those columns.
         num_train, num_val: examples per split; the splits never share a question.
         seed: seed of the question draw, of the train/val split and of the training shuffle.
         noise_rate: fraction of training labels corrupted, in [0, 1]; exactly ``round(noise_rate * num_train)``.

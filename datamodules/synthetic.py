@@ -83,7 +83,7 @@ DEFAULT_TASK = DIFFICULTY["easy"]
 
 
 # Generated-image tasks (``datamodules/image_tasks.py``: grounding, shape, colour, count) by source name.
-IMAGE_TASKS: dict[str, str] = {f"image_{name}": name for name in ("grounding", "shape", "colour", "count")}
+IMAGE_TASKS: dict[str, str] = {f"image_{name}": name for name in ("grounding", "shape", "colour", "pattern", "count")}
 
 
 def is_image_task(name: str) -> bool:

@@ -99,3 +99,22 @@ def test_bad_options_are_refused():
         generate_images("shape", -1)
     with pytest.raises(ValueError, match="noise_kind='flip'"):
         corrupt_label(generate_images("shape", 1)[0], "flip", random.Random(0))
+
+
+def test_pattern_pixels_show_the_labelled_fill():
+    """A square drawn solid, in 3-pixel stripes every 6 rows, or 2 × 2 dots every 5 pixels: the painted share of
+    its bounding box tells the three apart."""
+    share = {"solid": 1.0, "striped": 0.5, "dotted": 4 / 25}
+    labels = set()
+    for record in generate_images("pattern", 24, seed=6):
+        (cell, shape, colour, pattern), = record["objects"]
+        assert record["label"] == pattern and shape == "square"
+        labels.add(pattern)
+        pixels = _pixels(record)
+        mask = (pixels != BACKGROUND).any(axis=2)
+        assert {tuple(p) for p in pixels[mask]} == {COLOURS[colour]}
+        x1, y1, x2, y2 = ImageTask("pattern").box(cell)
+        margin = (x2 - x1 + 1) // 6
+        inner = mask[y1 + margin:y2 - margin + 1, x1 + margin:x2 - margin + 1]
+        assert inner.mean() == pytest.approx(share[pattern], abs=0.1), (record["id"], pattern)
+    assert labels == {"solid", "striped", "dotted"}
