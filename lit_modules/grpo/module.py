@@ -40,6 +40,7 @@ from lit_modules.grpo.policy import (
     placeholder_token_ids,
     refuse_sharded_strategy,
 )
+from lit_modules.grpo.phase_schedule import PhaseSchedule
 from lit_modules.grpo.rewards import RewardSet, reward_name, weighted_sum
 from lit_modules.grpo.step_metrics import step_metrics
 from lit_modules.grpo.rollout import (
@@ -66,7 +67,7 @@ def _require(ok: bool, option: str, value: Any, allowed: str) -> None:
         raise ValueError(f"{option}={value!r} is not allowed; allowed: {allowed}.")
 
 
-class GRPOModule(LightningModule):
+class GRPOModule(PhaseSchedule, LightningModule):
     """GRPO policy optimisation of a Hugging Face causal LM with a scheduled token-entropy coefficient λ(s).
 
     Batches are dicts of per-prompt lists: ``prompt`` (chat-templated text), ``label`` (possibly noisy), optionally
@@ -241,41 +242,6 @@ class GRPOModule(LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
-
-    # -- schedule: λ is a pure function of (trainer.global_step, S) ----------------------------------
-    def on_train_start(self) -> None:
-        """Resolve S once (after any checkpoint restore, so a resumed run can keep the checkpointed value)."""
-        resolved = self._resolve_total_steps()
-        if self._ckpt_total is not None and self._ckpt_total != resolved:
-            if self.total_steps is None:
-                warnings.warn(f"total_steps resolves to {resolved} but the checkpoint was scheduled for "
-                              f"{self._ckpt_total}; keeping {self._ckpt_total} (pass total_steps to override).")
-                resolved = self._ckpt_total
-        self._schedule_total = resolved
-
-    def _resolve_total_steps(self) -> int:
-        if self.total_steps is not None:
-            return self.total_steps
-        if self.trainer.max_steps > 0:
-            return self.trainer.max_steps
-        batches = self.trainer.estimated_stepping_batches
-        if not math.isfinite(batches):
-            raise ValueError("total_steps=None cannot be resolved for an unsized dataloader without "
-                             "trainer.max_steps; allowed: pass total_steps or set trainer.max_steps.")
-        return int(batches) * self.num_iterations  # manual optimisation: μ optimizer steps per batch
-
-    def entropy_coef(self) -> float:
-        """λ(s) at the current ``trainer.global_step`` (optimizer steps taken so far)."""
-        return self.entropy_schedule(self.trainer.global_step, self._schedule_total)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store S and s_sw: a resumed run keeps the schedule it started with (spec §2.3 resume contract)."""
-        total = self._schedule_total
-        switch = None if total is None else self.entropy_schedule.switch_step(total)
-        checkpoint["grpo_schedule"] = {"total_steps": total, "switch_step": switch}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._ckpt_total = (checkpoint.get("grpo_schedule") or {}).get("total_steps")
 
     # -- one training step ---------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
