@@ -88,8 +88,10 @@ def measure(name: str, mode: str) -> dict[str, Any]:
     return fit_run(MODES[mode][0], name, mode)
 
 
-def fit_run(settings: Settings, name: str, mode: str) -> dict[str, Any]:
-    """One GRPO fit; the row holds the clean-accuracy curve and the per-step training curves."""
+def fit_run(settings: Settings, name: str, mode: str, methods: dict[str, dict[str, Any]] = METHODS
+            ) -> dict[str, Any]:  # fmt: skip
+    """One GRPO fit of ``methods[<the run's method>]``; the row holds the clean-accuracy curve and the per-step
+    training curves."""
     from lightning import Callback, Trainer, seed_everything
 
     from datamodules.rlvr import RLVRDataModule
@@ -109,7 +111,7 @@ def fit_run(settings: Settings, name: str, mode: str) -> dict[str, Any]:
     method, rate, seed = parse_run(name)
     seed_everything(seed, verbose=False)
     module = GRPOModule(settings.model, num_generations=settings.num_generations, max_new_tokens=settings.max_new_tokens,
-                        learning_rate=settings.learning_rate, loss_type="grpo", **METHODS[method])
+                        learning_rate=settings.learning_rate, loss_type="grpo", **methods[method])
     data = RLVRDataModule(settings.task, num_train=settings.num_train, num_val=settings.num_val,
                           seed=settings.data_seed, noise_rate=rate,
                           noise_kind="near_miss", noise_seed=seed, prompts_per_batch=settings.prompts_per_batch)
@@ -120,7 +122,7 @@ def fit_run(settings: Settings, name: str, mode: str) -> dict[str, Any]:
     trainer.fit(module, datamodule=data)
     accuracy = module.clean_acc_history
     return {"run": name, "mode": mode, "method": method, "noise_rate": rate, "seed": seed, "model": settings.model,
-            "task": settings.task, "settings": asdict(settings), "method_options": METHODS[method],
+            "task": settings.task, "settings": asdict(settings), "method_options": methods[method],
             "clean_acc_before": accuracy[0][1], "clean_acc_after": accuracy[-1][1],
             "clean_acc_curve": accuracy, "clean_acc_auc": statistics.mean(a for _, a in accuracy),
             "train_curves": curves.steps, "peak_rss_mb": peak_rss_mb(), "date": now_iso()}

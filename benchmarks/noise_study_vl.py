@@ -24,6 +24,10 @@ from benchmarks.noise_study import LAMBDA, METHODS, Settings, describe, fit_run,
 
 MODEL = "tiny-qwen2-vl-grounding"
 TASK = "image_grounding"
+# The phased schedule with a stronger entropy term: at λ = 0.01 the warm start's entropy does not move (the
+# spec's sweep goes to 3e-2; this model needs more).
+METHODS_VL = {**METHODS, **{f"phased_lam{lam:g}": {"entropy_schedule": {
+    "name": "max_to_min", "lam_max": lam, "lam_min": lam, "switch_frac": 0.8}} for lam in (0.05, 0.2)}}
 RATES = (0.0, 0.4, 0.8)
 SEEDS = (0, 1, 2, 3, 4)
 # One pass over 2400 distinct training images (150 steps × 16 prompts): repeated images get memorised (measured:
@@ -43,11 +47,11 @@ MODES: dict[str, tuple[Settings, tuple[str, ...] | None]] = {
 
 
 def all_runs() -> list[str]:
-    return [run_name(m, r, s) for s in SEEDS for r in RATES for m in METHODS]
+    return [run_name(m, r, s) for s in SEEDS for r in RATES for m in METHODS_VL]
 
 
 def measure(name: str, mode: str) -> dict:
-    return fit_run(MODES[mode][0], name, mode)
+    return fit_run(MODES[mode][0], name, mode, METHODS_VL)
 
 
 BENCHMARK = Benchmark(

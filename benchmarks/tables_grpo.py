@@ -8,7 +8,8 @@ from benchmarks.table_format import DASH, Table, dates, number, order
 
 
 # -- GRPO ------------------------------------------------------------------------------------------
-NOISE_METHODS = ("vanilla", "phased", "min_only", "max_only", "reversed", "rent", "intuitor", "ttrl")
+NOISE_METHODS = ("vanilla", "phased", "phased_lam0.05", "phased_lam0.2", "min_only", "max_only", "reversed", "rent",
+                 "intuitor", "ttrl")
 
 
 def noise_cells(row: dict) -> list[str]:
