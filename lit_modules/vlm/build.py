@@ -2,9 +2,10 @@
 
 No pretrained VLM can be installed offline, so the multimodal path runs on a Qwen2-VL-architecture model that the
 project initialises here and warm-starts with its own SFT recipe (``lit_modules/sft.py``). Qwen2-VL rather than
-SmolVLM's design (a vision tower feeding the 135M SmolLM2 decoder): on 2 CPU cores the 135M decoder alone costs
-~1 s per SFT step, while a ~2M-parameter Qwen2-VL learns the grounding task in minutes; and Qwen2-VL is the
-paper's own family, so the same code path (M-RoPE, 2-D ``pixel_values``, ``image_grid_thw``) serves the real models.
+SmolVLM's design (a vision tower feeding the 135M SmolLM2 decoder): a 0.9M-parameter Qwen2-VL reaches 0.41 clean
+grounding accuracy in about 5 minutes on 2 CPU cores, where the 135M decoder would make every step ~150× larger (not
+measured); and Qwen2-VL is the paper's own family, so the same code path (M-RoPE, 2-D ``pixel_values``,
+``image_grid_thw``) serves the real models.
 
 The 112-pixel canvases of ``datamodules/image_tasks.py`` give 8 × 8 patches of 14 pixels; the 2 × 2 merge leaves 16
 image tokens, one per cell of the 4 × 4 board.
