@@ -130,13 +130,15 @@ def run_cell(capability: str, strategy: str, accelerator: str, model: str) -> di
             "output_tail": output[-3000:] if outcome == "failed" else "", "date": now_iso()}
 
 
-def run_nodes(cmd: list[str], run_dir: Path, env: dict[str, str], nodes: int) -> tuple[int | None, str]:
-    """Run ``cmd`` once per node (``NODE_RANK`` set when there are several); (first non-zero exit code or 0, output).
-    A new session per process, so that a timeout can kill ranks blocked in a collective."""
+def run_nodes(cmd: list[str], run_dir: Path, env: dict[str, str], nodes: int, timeout: float = TIMEOUT_S
+              ) -> tuple[int | None, str]:  # fmt: skip
+    """Run ``cmd`` once per node (``NODE_RANK`` set when there are several); (first non-zero exit code, None on a
+    timeout, or 0; the output of every process). A new session per process, so that a timeout can kill ranks blocked
+    in a collective (they ignore SIGTERM)."""
     processes = [subprocess.Popen(cmd, cwd=run_dir, env={**env, **({"NODE_RANK": str(n)} if nodes > 1 else {})},
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
                  for n in range(nodes)]  # fmt: skip
-    deadline, codes, outputs = time.monotonic() + TIMEOUT_S, [], []
+    deadline, codes, outputs = time.monotonic() + timeout, [], []
     for process in processes:
         try:
             outputs.append(process.communicate(timeout=max(deadline - time.monotonic(), 1))[0])
@@ -144,7 +146,7 @@ def run_nodes(cmd: list[str], run_dir: Path, env: dict[str, str], nodes: int) ->
         except subprocess.TimeoutExpired:
             for other in processes:
                 os.killpg(other.pid, 9)
-            outputs.append(f"timed out after {TIMEOUT_S} s\n" + (process.communicate()[0] or ""))
+            outputs.append(f"timed out after {timeout} s\n" + (process.communicate()[0] or ""))
             codes.append(None)
     failed = [c for c in codes if c != 0]
     return (failed[0] if failed else 0), "\n".join(outputs)

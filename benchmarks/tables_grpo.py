@@ -187,13 +187,18 @@ def strategy_caption(meta: dict, rows: list[dict]) -> str:
             + "; ".join(f"{strategy}: `{command}`" for strategy, command in commands.items()) + "._")
 
 
+def noise_table(results: str, producer: str) -> Table:
+    """The per-run table of a noise study (text or multimodal: the same row format)."""
+    headers = ("method", "noise", "seed", "clean acc before", "clean acc after", "Δ", "AUC", "entropy",
+               "noisy-label agreement")
+    return Table(results=results, headers=headers, cells=noise_cells, sort_key=noise_sort_key, caption=noise_caption,
+                 producer=producer)
+
+
 TABLES: dict[str, Table] = {
-    "noise_study": Table(
-        results="benchmarks/results/noise_study.json",
-        headers=("method", "noise", "seed", "clean acc before", "clean acc after", "Δ", "AUC", "entropy",
-                 "noisy-label agreement"),
-        cells=noise_cells, sort_key=noise_sort_key, caption=noise_caption,
-        producer="python benchmarks/noise_study.py --mode reduced --out benchmarks/results/noise_study.json"),
+    "noise_study": noise_table(
+        "benchmarks/results/noise_study.json",
+        "python benchmarks/noise_study.py --mode reduced --out benchmarks/results/noise_study.json"),
     "noise_study_vl_summary": Table(
         results="benchmarks/results/noise_study_vl.json",
         headers=("method", "noise", "seeds", "clean acc before", "clean acc after (mean ± std)", "mean Δ",
@@ -201,12 +206,8 @@ TABLES: dict[str, Table] = {
         cells=summary_cells, sort_key=lambda row: (row["noise_rate"], order(NOISE_METHODS, row["method"])),
         caption=summary_caption, regroup=seed_summary,
         producer="python benchmarks/noise_study_vl.py --out benchmarks/results/noise_study_vl.json"),
-    "noise_study_vl": Table(
-        results="benchmarks/results/noise_study_vl.json",
-        headers=("method", "noise", "seed", "clean acc before", "clean acc after", "Δ", "AUC", "entropy",
-                 "noisy-label agreement"),
-        cells=noise_cells, sort_key=noise_sort_key, caption=noise_caption,
-        producer="python benchmarks/noise_study_vl.py --out benchmarks/results/noise_study_vl.json"),
+    "noise_study_vl": noise_table("benchmarks/results/noise_study_vl.json",
+                                  "python benchmarks/noise_study_vl.py --out benchmarks/results/noise_study_vl.json"),
     "strategies": Table(
         results="benchmarks/results/strategy_check.json",
         headers=("capability", "single device", "ddp", "fsdp", "deepspeed", "multi-node (2 nodes)"),

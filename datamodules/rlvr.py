@@ -13,9 +13,9 @@ import hashlib
 import json
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -230,7 +230,7 @@ class RLVRDataModule(LightningDataModule):
         self._corrupt_split(records[: self.num_train], records[self.num_train :],
                             lambda record, rng: corrupt_label(record, self.noise_kind, rng))  # fmt: skip
 
-    def _corrupt_split(self, train: list[dict[str, Any]], val: list[dict[str, Any]], corrupt: Callable) -> None:
+    def _corrupt_split(self, train: list[dict[str, Any]], val: list[dict[str, Any]], corrupt: Corruption) -> None:
         self.manifest, corrupted = build_manifest(train, self.noise_rate, self.noise_seed, corrupt)
         self.manifest_hash = manifest_sha256(self.manifest)
         self._train = [dict(r, label=self.manifest[r["id"]], clean_label=r["label"], is_corrupted=r["id"] in corrupted)

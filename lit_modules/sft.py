@@ -24,7 +24,7 @@ from datamodules.assets import TINY_VLM, TINY_VLM_GROUNDING, built_model_dir, ch
 from datamodules.assets import resolve_model
 from datamodules.image_tasks import answer_text
 from lit_modules.causal_lm import DTYPES
-from lit_modules.grpo.multimodal import encode_image_prompts
+from lit_modules.grpo.multimodal import image_prompts
 from lit_modules.grpo.policy import load_policy, placeholder_token_ids
 from lit_modules.grpo.rollout import completion_logits, decode, eos_token_ids, first_eos_mask, generate, label_scores
 
@@ -87,7 +87,8 @@ class VLMSFTModule(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def _encode(self, batch: dict[str, Any]):
-        return encode_image_prompts(self.processor, batch["prompt"], batch["image"], self.device, self.model.dtype)
+        """GRPO's own prompt path (processed once, image tokens checked against the grids), one copy per prompt."""
+        return image_prompts(self.processor, batch["prompt"], batch["image"], 1, self.model)
 
     def answer_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """Mean cross-entropy of the answer tokens (+ EOS) after each image prompt; prompt tokens are not scored."""

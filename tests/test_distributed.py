@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,7 +24,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from benchmarks.strategy_check import free_port
+from benchmarks.strategy_check import free_port, run_nodes
 from tests.pruning_helpers import TEXT
 from tests.tiny_models import save_tiny_model
 
@@ -89,9 +87,9 @@ def launch(config: dict, run_dir: Path, strategy: str, subcommand: str = "valida
     config_path.write_text(yaml.safe_dump(config))
     command = [sys.executable, "-m", "lit_modules.cli", subcommand, "-c", str(config_path)]
     if strategy == "multinode":
-        nodes = [command + ["--trainer.strategy", "ddp", "--trainer.num_nodes", "2", "--trainer.devices", "1"]] * 2
+        flags, nodes = ["--trainer.strategy", "ddp", "--trainer.num_nodes", "2", "--trainer.devices", "1"], 2
     else:
-        nodes = [command + ["--trainer.strategy", strategy, "--trainer.devices", "1" if strategy == "auto" else "2"]]
+        flags, nodes = ["--trainer.strategy", strategy, "--trainer.devices", "1" if strategy == "auto" else "2"], 1
     for attempt in range(3):
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
@@ -100,27 +98,13 @@ def launch(config: dict, run_dir: Path, strategy: str, subcommand: str = "valida
         for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
             env.pop(var, None)  # never inherit a launcher's rank from the pytest process
         started = time.perf_counter()
-        # A new session, so that a timeout kills rank 1 too: ranks blocked in a gloo collective ignore SIGTERM.
-        processes = [subprocess.Popen(cmd, cwd=run_dir, env={**env, **({"NODE_RANK": str(node)} if len(nodes) > 1
-                                                                      else {})},
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-                     for node, cmd in enumerate(nodes)]  # fmt: skip
-        outputs = []
-        deadline = time.monotonic() + RUN_TIMEOUT_S
-        for process in processes:
-            try:
-                outputs.append(process.communicate(timeout=max(deadline - time.monotonic(), 1)))
-            except subprocess.TimeoutExpired:
-                for other in processes:
-                    os.killpg(other.pid, signal.SIGKILL)
-                stderr = process.communicate()[1]
-                pytest.fail(f"{strategy} run did not finish in {RUN_TIMEOUT_S}s (a collective that not every rank "
-                            f"joined?)\n{stderr[-6000:]}")
-        if any(p.returncode != 0 and "address already in use" in err.lower() for p, (_, err) in zip(processes, outputs)
-               ) and attempt < 2:  # fmt: skip
+        code, output = run_nodes(command + flags, run_dir, env, nodes, timeout=RUN_TIMEOUT_S)
+        if code is None:
+            pytest.fail(f"{strategy} run did not finish in {RUN_TIMEOUT_S}s (a collective that not every rank "
+                        f"joined?)\n{output[-6000:]}")
+        if code != 0 and "address already in use" in output.lower() and attempt < 2:
             continue
-        for process, (stdout, stderr) in zip(processes, outputs):
-            assert process.returncode == 0, f"exit {process.returncode}\n{stdout[-4000:]}\n{stderr[-8000:]}"
+        assert code == 0, f"exit {code}\n{output[-12000:]}"
         return time.perf_counter() - started
     raise AssertionError("unreachable")
 

@@ -22,6 +22,12 @@ def study_row(method: str, rate: float, seed: int, before: float, after: float) 
             "train_curves": curves, "date": "2025-01-02T03:04:05+00:00"}
 
 
+def rendered(table, results) -> tuple[str, list[str]]:
+    """A table's rendered text and its data rows (the header row, which names "method", left out)."""
+    text = render_readme.render_table(table, results)
+    return text, [line for line in text.splitlines() if line.startswith("| ") and "method" not in line]
+
+
 def test_run_names_round_trip_and_the_grids_are_known_runs():
     names = noise_study.all_runs()
     assert len(names) == len(noise_study.METHODS) * len(noise_study.RATES) * len(noise_study.SEEDS)
@@ -62,8 +68,7 @@ def test_noise_table_lists_every_run_with_its_gain_and_the_grid_in_the_caption(t
             study_row("phased", 0.0, 0, 0.7, 0.95)]
     results = tmp_path / "n.json"
     write_results(results, rows, META)
-    text = render_readme.render_table(render_readme.TABLES["noise_study"], results)
-    lines = [line for line in text.splitlines() if line.startswith("| ") and "method" not in line]
+    text, lines = rendered(render_readme.TABLES["noise_study"], results)
     assert lines == ["| phased | 0 | 0 | 0.700 | 0.950 | +0.250 | 0.825 | 0.500 | 0.100 |",
                      "| vanilla | 0.4 | 0 | 0.700 | 0.600 | -0.100 | 0.650 | 0.500 | 0.100 |",
                      "| phased | 0.4 | 0 | 0.700 | 0.925 | +0.225 | 0.812 | 0.500 | 0.100 |"]
@@ -98,8 +103,7 @@ def test_seed_summary_table_averages_each_method_and_rate_over_the_seeds_run(tmp
             study_row("vanilla", 0.4, 2, 0.3, 0.35), study_row("vanilla", 0.0, 0, 0.3, 0.4)]
     results = tmp_path / "vl.json"
     write_results(results, rows, {**META, "settings": {**META["settings"], "num_val": 256}})
-    text = render_readme.render_table(render_readme.TABLES["noise_study_vl_summary"], results)
-    lines = [line for line in text.splitlines() if line.startswith("| ") and "method" not in line]
+    text, lines = rendered(render_readme.TABLES["noise_study_vl_summary"], results)
     assert lines == ["| vanilla | 0 | 0 | 0.300 | 0.400 ± 0.000 | +0.100 | 0.350 |",
                      "| vanilla | 0.4 | 2 | 0.300 | 0.350 ± 0.000 | +0.050 | 0.325 |",
                      "| phased | 0.4 | 0, 1 | 0.300 | 0.400 ± 0.100 | +0.100 | 0.350 |"]
