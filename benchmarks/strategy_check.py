@@ -6,13 +6,15 @@
 Capabilities: ``evaluate`` (CausalLM perplexity), ``prune`` (Wanda + LLM-Barber), ``quantize`` (APTQ mixed
 precision) and ``grpo`` (two GRPOModule optimizer steps), on the embedded SmolLM2 (or ``--model``) with tiny
 data so that the whole matrix takes minutes. Strategies: ``auto`` (one device), ``ddp`` (2 processes on CPU,
-all visible GPUs otherwise), ``fsdp``, ``deepspeed`` and ``multinode`` (Lightning's multi-node ddp on this
+all visible GPUs otherwise), ``fsdp`` (on CPU through ``tests.fsdp_cpu.CPUFSDPStrategy``, the same FSDP code
+admitted on CPU), ``deepspeed`` and ``multinode`` (Lightning's multi-node ddp on this
 machine: one ``litforge`` process per "node", ``NODE_RANK`` 0 and 1, ``--trainer.num_nodes 2``, meeting at one
 ``MASTER_ADDR:MASTER_PORT`` as two machines would). Every cell runs in its own process(es) and ends as
 
 - ``ok``: the command finished (exit 0);
 - ``refused``: it stopped before any work with a message naming the strategy (ours, or Lightning's);
-- ``failed``: anything else (the JSON keeps the end of its output).
+- ``failed``: anything else (the JSON keeps the end of its output);
+- ``skipped``: not run (``multinode`` on fewer than 2 GPUs: each "node" needs a device of its own).
 
 The README's support matrix is rendered from this file; ``tests/test_distributed.py`` holds the tests that
 compare results across strategies (this script checks that each cell runs, not what it computes).
@@ -21,7 +23,9 @@ compare results across strategies (this script checks that each cell runs, not w
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -43,6 +47,7 @@ CAPABILITIES = ("evaluate", "prune", "quantize", "grpo")
 REFUSAL_MARKERS = ("does not support the", "requires a GPU accelerator", "`deepspeed` package", "DeepSpeed",
                    "is not supported")
 TIMEOUT_S = 600
+CPU_FSDP = "tests.fsdp_cpu.CPUFSDPStrategy"
 
 
 def eval_data(model: str) -> dict[str, Any]:
@@ -98,6 +103,16 @@ def devices_for(strategy: str, accelerator: str) -> int:
     return max(count // 2, 1) if strategy == "multinode" else count
 
 
+def strategy_flags(strategy: str, accelerator: str) -> list[str]:
+    """``--trainer.*`` flags of one column. ``fsdp`` on CPU goes through ``tests.fsdp_cpu.CPUFSDPStrategy``:
+    Lightning admits its FSDPStrategy on GPUs only, and that subclass runs the same FSDP code on CPU processes."""
+    if strategy == "multinode":
+        return ["--trainer.strategy", "ddp", "--trainer.num_nodes", "2"]
+    if strategy == "fsdp" and accelerator == "cpu":
+        return ["--trainer.strategy", json.dumps({"class_path": CPU_FSDP})]
+    return ["--trainer.strategy", strategy]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -105,14 +120,18 @@ def free_port() -> int:
 
 
 def run_cell(capability: str, strategy: str, accelerator: str, model: str) -> dict[str, Any]:
+    if strategy == "multinode" and accelerator == "gpu" and devices_for("ddp", accelerator) < 2:
+        # Each "node" needs a GPU of its own: NCCL refuses two ranks on one device.
+        return {"capability": capability, "strategy": strategy, "accelerator": accelerator, "devices": 0,
+                "command": "", "outcome": "skipped", "exit_code": None, "message": "needs 2 GPUs (one per node)",
+                "seconds": 0.0, "output_tail": "", "date": now_iso()}
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp)
         subcommand, cfg = config(capability, model, run_dir)
         path = run_dir / "config.yaml"
         path.write_text(yaml.safe_dump(cfg))
         devices = devices_for(strategy, accelerator)
-        flags = (["--trainer.strategy", "ddp", "--trainer.num_nodes", "2"] if strategy == "multinode" else
-                 ["--trainer.strategy", strategy])  # fmt: skip
+        flags = strategy_flags(strategy, accelerator)
         cmd = [sys.executable, "-m", "lit_modules.cli", subcommand, "-c", str(path), *flags,
                "--trainer.accelerator", accelerator, "--trainer.devices", str(devices)]
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
@@ -125,7 +144,7 @@ def run_cell(capability: str, strategy: str, accelerator: str, model: str) -> di
     outcome = "ok" if code == 0 else "refused" if any(m in message for m in REFUSAL_MARKERS) else "failed"
     return {"capability": capability, "strategy": strategy, "accelerator": accelerator, "devices": devices,
             "command": (f"NODE_RANK=<0|1> " if nodes > 1 else "") + f"litforge {subcommand} -c <{capability} config> "
-                       f"{' '.join(flags)} --trainer.accelerator {accelerator} --trainer.devices {devices}",
+                       f"{shlex.join(flags)} --trainer.accelerator {accelerator} --trainer.devices {devices}",
             "outcome": outcome, "exit_code": code, "message": message, "seconds": seconds,
             "output_tail": output[-3000:] if outcome == "failed" else "", "date": now_iso()}
 

@@ -124,20 +124,26 @@ def throughput_caption(meta: dict, rows: list[dict]) -> str:
 STRATEGY_COLUMNS = ("auto", "ddp", "fsdp", "deepspeed", "multinode")
 CAPABILITY_NAMES = {"evaluate": "`CausalLM` evaluation", "prune": "`Pruning` (Wanda + LLM-Barber)",
                     "quantize": "`Quantization` (APTQ mixed precision)", "grpo": "`GRPOModule` fit"}
-# The tests behind a "tested" cell: single device, the capability's own test module; ddp, the test that compares
-# the 2-process result with the single-process one (not just that it runs).
+# The tests behind a "tested" cell: single device, the capability's own test module; ddp / fsdp / multi-node, the
+# test that compares the 2-process result with the single-process (GRPO under FSDP: the ddp) one, not just that it
+# runs. On CPU, FSDP runs through tests/fsdp_cpu.py (Lightning admits FSDPStrategy on GPUs only).
 _DDP = "tests/test_distributed.py::"
 STRATEGY_TESTS = {("evaluate", "auto"): "tests/test_causal_lm.py", ("prune", "auto"): "tests/test_pruning_callback.py",
                   ("quantize", "auto"): "tests/test_quant_callback.py", ("grpo", "auto"): "tests/test_grpo_module.py",
-                  ("evaluate", "ddp"): _DDP + "test_ddp_perplexity_shards_without_padding_and_matches_single_process",
-                  ("prune", "ddp"): _DDP + "test_ddp_compression_matches_single_process",
-                  ("quantize", "ddp"): _DDP + "test_ddp_compression_matches_single_process",
+                  ("evaluate", "ddp"): _DDP + "test_perplexity_counts_each_window_once_and_matches_single_process",
+                  ("prune", "ddp"): _DDP + "test_compression_matches_single_process",
+                  ("quantize", "ddp"): _DDP + "test_compression_matches_single_process",
                   ("grpo", "ddp"): _DDP + "test_grpo_ddp_fit_keeps_identical_weights_on_both_ranks",
-                  ("evaluate", "multinode"): _DDP + "test_ddp_perplexity_shards_without_padding_and_matches_single_"
+                  ("evaluate", "multinode"): _DDP + "test_perplexity_counts_each_window_once_and_matches_single_"
                                                     "process[multinode]",
-                  ("prune", "multinode"): _DDP + "test_ddp_compression_matches_single_process[wanda-multinode]",
-                  ("quantize", "multinode"): _DDP + "test_ddp_compression_matches_single_process[aptq_mixed-multinode]",
-                  ("grpo", "multinode"): _DDP + "test_grpo_ddp_fit_keeps_identical_weights_on_both_ranks[multinode]"}
+                  ("prune", "multinode"): _DDP + "test_compression_matches_single_process[wanda-multinode]",
+                  ("quantize", "multinode"): _DDP + "test_compression_matches_single_process[aptq_mixed-multinode]",
+                  ("grpo", "multinode"): _DDP + "test_grpo_ddp_fit_keeps_identical_weights_on_both_ranks[multinode]",
+                  ("evaluate", "fsdp"): _DDP + "test_perplexity_counts_each_window_once_and_matches_single_process"
+                                               "[fsdp]",
+                  ("prune", "fsdp"): _DDP + "test_compression_matches_single_process[wanda_barber-fsdp]",
+                  ("quantize", "fsdp"): _DDP + "test_compression_matches_single_process[aptq_mixed-fsdp]",
+                  ("grpo", "fsdp"): "tests/test_fsdp.py"}
 
 
 def strategy_rows(rows: list[dict]) -> list[dict]:
@@ -152,7 +158,7 @@ def strategy_cell(capability: str, cell: dict | None) -> str:
     if cell is None:
         return "not checked"
     test = STRATEGY_TESTS.get((capability, cell["strategy"]))
-    text = {"ok": "runs", "refused": "refused", "failed": "**fails**"}[cell["outcome"]]
+    text = {"ok": "runs", "refused": "refused", "failed": "**fails**", "skipped": "not run"}[cell["outcome"]]
     if cell["outcome"] != "ok":
         text += f": {_short_reason(cell['message'])}"
     return text + (f"; tested: `{test}`" if test else "")
@@ -161,7 +167,7 @@ def strategy_cell(capability: str, cell: dict | None) -> str:
 def _short_reason(message: str) -> str:
     for marker, reason in (("requires a GPU accelerator", "Lightning allows FSDP on GPUs only"),
                            ("must have DeepSpeed installed", "DeepSpeed is not installed"),
-                           ("does not support the", "sharded weights (message names strategy and alternative)")):
+                           ("does not support the", "cannot gather its weights (message names the alternatives)")):
         if marker in message:
             return reason
     return message.split(": ", 1)[-1][:120]
@@ -173,7 +179,7 @@ def strategy_cells(row: dict) -> list[str]:
 
 
 def strategy_caption(meta: dict, rows: list[dict]) -> str:
-    cells = [c for r in rows for c in r.values() if isinstance(c, dict)]
+    cells = [c for r in rows for c in r.values() if isinstance(c, dict) and c["outcome"] != "skipped"]
     accelerators = sorted({c["accelerator"] for c in cells})
     devices = sorted({f"{c['strategy']} {'2 nodes × ' if c['strategy'] == 'multinode' else ''}{c['devices']}"
                       for c in cells if c["strategy"] != "auto"})
@@ -182,8 +188,9 @@ def strategy_caption(meta: dict, rows: list[dict]) -> str:
         for c in cells}  # fmt: skip
     return (f"_Each cell ran `litforge` on {meta.get('model', '?')} with check-size data ({', '.join(accelerators)}; "
             f"devices: {', '.join(devices)}); \"runs\" = exit 0, \"refused\" = stopped before any work with "
-            f"the message summarised; \"tested\" names the tests (for ddp, a comparison with the 1-process "
-            f"result); {dates(meta, cells)}, `{meta.get('command', '?')}`. The command of each column: "
+            f"the message summarised; \"tested\" names the tests (ddp, fsdp, multi-node: a comparison with the "
+            f"1-process result; GRPO under fsdp: with the ddp run); on CPU, fsdp runs Lightning's FSDPStrategy "
+            f"through `tests/fsdp_cpu.py` (Lightning admits it on GPUs only); {dates(meta, cells)}, `{meta.get('command', '?')}`. The command of each column: "
             + "; ".join(f"{strategy}: `{command}`" for strategy, command in commands.items()) + "._")
 
 

@@ -60,6 +60,11 @@ def materialize_once(key: str, build: Callable[[Path], None], root: Path | None 
     final = root / key
     if (final / _COMPLETE_MARKER).is_file():
         return final
+    # A folder only ever appears at ``final`` complete (renamed into place with its marker), so one without the marker
+    # is a leftover of an interrupted older writer -- unless a concurrent writer (another rank on its first run) has
+    # just renamed its copy into place: look at the marker again after seeing the folder, never before.
+    if final.exists() and (final / _COMPLETE_MARKER).is_file():
+        return final
     if final.exists():
         log.warning("discarding incomplete cache folder %s", final)
         shutil.rmtree(final, ignore_errors=True)
@@ -91,6 +96,21 @@ def _package_file(package: tuple[str, str, str]) -> tuple[Path, str]:
     return path, importlib.metadata.version(dist)
 
 
+def save_model_folder(model, out: Path) -> None:
+    """``model.save_pretrained(out)`` on whichever rank calls it, checked: a config and weights must land in ``out``.
+
+    transformers 5 silently writes nothing from ``save_pretrained`` on ranks other than 0 once torch.distributed is
+    initialised (``should_save_on_this_rank``). Cache folders are built by the first rank that needs one, in its own
+    temporary folder, so that gate would leave a folder without weights (found on a first 2-process run)."""
+    model.should_save_on_this_rank = lambda is_main_process: True  # this model object only
+    try:
+        model.save_pretrained(out)
+    finally:
+        del model.should_save_on_this_rank
+    if not (out / "config.json").is_file() or not any(out.glob("*.safetensors")):
+        raise RuntimeError(f"save_pretrained wrote no config/weights to {out}: {sorted(p.name for p in out.iterdir())}")
+
+
 def _convert_smollm2(gguf_path: Path, out: Path) -> None:
     """Load the GGUF checkpoint and save it as a plain fp32 HF folder (model + tokenizer)."""
     import torch
@@ -105,7 +125,7 @@ def _convert_smollm2(gguf_path: Path, out: Path) -> None:
     config = AutoConfig.for_model(**config_dict)
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(gguf_model.state_dict(), strict=True)
-    plain.save_pretrained(out)
+    save_model_folder(plain, out)
     tokenizer.save_pretrained(out)
 
 

@@ -27,7 +27,7 @@ from datamodules.image_tasks import corrupt_label, generate_images
 from datamodules.synthetic import DEFAULT_TASK, IMAGE_TASKS, SYSTEMATIC_RULES, check_size, generate, get_task
 from datamodules.synthetic import is_image_task, is_task
 from datamodules.synthetic import near_miss_answer, task_names, uniform_answer
-from datamodules.text import UnpaddedShardSampler
+from datamodules.text import even_shards
 
 NoiseKind = Literal["near_miss", "uniform", "systematic"]
 NOISE_KINDS = ("near_miss", "uniform", "systematic")
@@ -299,10 +299,9 @@ class RLVRDataModule(LightningDataModule):
                           collate_fn=collate_rows, num_workers=self.num_workers)  # fmt: skip
 
     def val_dataloader(self) -> DataLoader:
-        rows = self.rows("val")
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
-        # No padding: a DistributedSampler would repeat rows and count them twice in val/clean_acc.
-        sampler = UnpaddedShardSampler(rows, world, rank) if world > 1 else None
+        # Padding rows (``counted`` False) even out the shards; GRPOModule samples them but does not score them.
+        rows, sampler = even_shards(self.rows("val"), world, rank)
         return DataLoader(rows, batch_size=self.prompts_per_batch, sampler=sampler, collate_fn=collate_rows,
                           num_workers=self.num_workers)  # fmt: skip
 

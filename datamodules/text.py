@@ -38,21 +38,54 @@ class WindowDataset(Dataset):
         return {"input_ids": self.windows[index]}
 
 
-class UnpaddedShardSampler(DistributedSampler):
-    """Rank ``r`` of ``w`` takes indices ``r, r+w, ...`` with no padding.
+class EvenShardSampler(DistributedSampler):
+    """Rank ``r`` of ``w`` takes indices ``r, r+w, ...``; shorter shards are topped up with *padding indices*
+    (``>= len(dataset)``), so every rank runs ``ceil(n / w)`` items.
 
-    ``DistributedSampler`` pads the last shard by repeating samples, which would count some windows twice
-    in a perplexity. Subclassing it tells Lightning not to inject its own sampler.
+    Every rank must run the same number of forward passes under FSDP (each one gathers parameters collectively), and
+    an evaluation metric must count every item once. ``DistributedSampler`` pads with repeated real items, which a
+    perplexity would count twice; here ``CountedItems`` turns a padding index into a copy of an item marked
+    ``counted=False``, which modules run but do not count. Subclassing DistributedSampler tells Lightning not to
+    inject its own sampler.
     """
 
     def __init__(self, dataset: Dataset, num_replicas: int, rank: int):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
 
     def __iter__(self):
-        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+        size = len(self.dataset)
+        own = list(range(self.rank, size, self.num_replicas))
+        return iter(own + list(range(size, size + len(self) - len(own))))
 
     def __len__(self) -> int:
-        return len(range(self.rank, len(self.dataset), self.num_replicas))
+        return -(-len(self.dataset) // self.num_replicas)
+
+
+class CountedItems(Dataset):
+    """Items of ``data`` (dicts) with a ``counted`` flag: ``True`` for a real index, ``False`` for a padding index
+    from ``EvenShardSampler`` (which then returns a copy of a real item)."""
+
+    def __init__(self, data, padding: int = 0):
+        self.data, self.padding = data, padding
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self.data) + self.padding:
+            raise IndexError(f"index {index} outside the {len(self.data)} items and {self.padding} padding indices")
+        return {**self.data[index % len(self.data)], "counted": index < len(self.data)}
+
+
+def even_shards(data, world: int, rank: int) -> tuple[Dataset, EvenShardSampler | None]:
+    """``(dataset, sampler)`` of an evaluation loader: this rank's items plus padding, each with ``counted``."""
+    return CountedItems(data, padding=world - 1), (EvenShardSampler(data, world, rank) if world > 1 else None)
+
+
+def pad_shard(local: list[dict], items: list[dict], world: int) -> list[dict]:
+    """A shard of ``items`` topped up to ``ceil(len(items) / world)`` with uncounted copies (see EvenShardSampler)."""
+    padding = [{**items[0], "counted": False}] * (-(-len(items) // world) - len(local)) if items else []
+    return [{**item, "counted": True} for item in local] + padding
 
 
 def eval_windows(token_ids: list[int], seqlen: int, max_windows: int | None = None) -> torch.Tensor:
@@ -182,9 +215,7 @@ class TextDataModule(LightningDataModule):
         return self._eval_loader()
 
     def _eval_loader(self) -> DataLoader:
-        data = WindowDataset(self.eval_windows())
-        world, rank = self._world()
-        sampler = UnpaddedShardSampler(data, world, rank) if world > 1 else None
+        data, sampler = even_shards(WindowDataset(self.eval_windows()), *self._world())
         return DataLoader(data, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 
     # -- helpers ---------------------------------------------------------------------------------

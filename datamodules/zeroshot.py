@@ -15,6 +15,8 @@ from typing import Any, Sequence
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from datamodules.text import pad_shard
+
 SHIPPED_DIR = Path(__file__).parent / "data" / "zeroshot"
 JSON_SUFFIXES = (".json", ".jsonl")
 
@@ -204,7 +206,8 @@ class ZeroShotDataModule(LightningDataModule):
         num_workers: DataLoader worker processes.
 
     Batches (val and test) are lists of dicts {"task", "context_ids", "choice_ids", "choice_chars",
-    "label"}. Under DDP each rank gets `examples[rank::world_size]`, so no example is counted twice.
+    "label"}. Under DDP each rank gets `examples[rank::world_size]`, so no example is counted twice, topped up with
+    uncounted copies so that every rank runs as many forward passes (FSDP gathers parameters in each).
     """
 
     def __init__(
@@ -272,7 +275,8 @@ class ZeroShotDataModule(LightningDataModule):
             prefix = start_ids(tokenizer)
             self.examples = [encode_example(tokenizer, record, task, prefix)
                              for task, rows in self.records.items() for record in rows]
-        self.local_examples = shard(self.examples, *self._rank_and_world())
+        rank, world = self._rank_and_world()
+        self.local_examples = pad_shard(shard(self.examples, rank, world), self.examples, world)
 
     def _dataloader(self) -> DataLoader:
         if self.examples is None:

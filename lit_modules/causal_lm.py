@@ -91,8 +91,11 @@ class CausalLM(LightningModule):
 
     def _eval_step(self, batch, prefix: str) -> None:
         if isinstance(batch, dict):
-            nll, count = window_nll(self.model(input_ids=batch["input_ids"]).logits, batch["input_ids"])
-            self.ppl.update(nll, count)
+            ids = batch["input_ids"]
+            logits = self.model(input_ids=ids).logits  # padding rows too: every rank runs the same forwards (FSDP)
+            counted = batch.get("counted", torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device))
+            if counted.any():
+                self.ppl.update(*window_nll(logits[counted], ids[counted]))
             self.log(f"{prefix}/ppl", self.ppl, add_dataloader_idx=False, batch_size=batch["input_ids"].shape[0])
             self.log(f"{prefix}/seqlen", float(batch["input_ids"].shape[1]), add_dataloader_idx=False,
                      sync_dist=True)
@@ -103,6 +106,8 @@ class CausalLM(LightningModule):
     def _score_example(self, example: dict, prefix: str) -> None:
         context = getattr(self.model.config, "max_position_embeddings", None)
         scores = choice_loglikelihoods(self.model, example["context_ids"], example["choice_ids"], context)
+        if not example.get("counted", True):
+            return  # padding that evens out the ranks' forward passes (datamodules.text.pad_shard)
         plain, normalised = choice_predictions(scores, example["choice_chars"])
         task = example["task"]
         for kind, predicted in (("acc", plain), ("acc_norm", normalised)):

@@ -89,3 +89,24 @@ def test_cache_root_honours_environment(monkeypatch, tmp_path):
     assert assets.cache_root() == tmp_path / "c"
     monkeypatch.delenv("LITFORGE_CACHE")
     assert assets.cache_root() == Path(os.path.expanduser("~")) / ".cache" / "litforge"
+
+
+def test_model_folders_are_written_from_any_rank(monkeypatch, tmp_path):
+    """On a first multi-process run, whichever rank needs the embedded model builds it; transformers' own
+    save_pretrained writes nothing from a rank other than 0 once torch.distributed is up."""
+    import transformers.distributed.mixin as mixin
+
+    from tests.tiny_models import build_tiny_model
+
+    monkeypatch.setattr(mixin, "_is_torch_distributed_initialized", lambda: True)
+    monkeypatch.setattr(mixin, "_get_torch_distributed_rank", lambda: 1)
+    model = build_tiny_model("llama")
+    model.save_pretrained(tmp_path / "plain")
+    assert not (tmp_path / "plain" / "config.json").exists()  # the gate this helper exists for
+    assets.save_model_folder(model, tmp_path / "ours")
+    assert {"config.json", "model.safetensors"} <= {p.name for p in (tmp_path / "ours").iterdir()}
+    assert "should_save_on_this_rank" not in vars(model)
+    monkeypatch.setattr(type(model), "save_pretrained", lambda self, out: None)  # a save that writes nothing
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RuntimeError, match="no config/weights"):
+        assets.save_model_folder(model, tmp_path / "empty")

@@ -1,22 +1,24 @@
-"""Pruning, quantization and GRPO under DDP (CPU, gloo, 2 processes; also as 2 "nodes") through the ``litforge`` CLI
+"""Pruning, quantization and GRPO under DDP (CPU, gloo, 2 processes; also as 2 "nodes") and the compression
+callbacks and evaluation under FSDP (2 CPU processes through ``tests.fsdp_cpu``), via the ``litforge`` CLI
 (pruning spec §7, §9 test 13).
 
 Each case runs the same YAML in subprocesses, once on one process and once with
-``--trainer.strategy ddp --trainer.devices 2`` (one case also with ``ddp_spawn``), and checks that
+``--trainer.strategy <ddp|ddp_spawn|fsdp> --trainer.devices 2`` (or as 2 nodes), and checks that
 
 - every rank ends validation with the same pruned weights (checked by ``tests.distributed_probe.RankProbe``
-  independently of the callback's own all-gather), equal to the 1-process weights bit for bit;
+  independently of the callback's own all-gather; under FSDP on the full weights gathered by torch), equal to the
+  1-process weights bit for bit;
 - ``sparsity_report.json`` (written by rank 0) and the exported folder match the 1-process run;
-- the ranks evaluate disjoint shards whose union is every window once (no sampler padding), and the
-  synced perplexity equals the 1-process perplexity.
+- the ranks evaluate disjoint shards whose union is every window once (padding windows run but are not
+  counted), and the synced perplexity equals the 1-process perplexity.
 """
-
 from __future__ import annotations
 
 import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,11 @@ from tests.pruning_helpers import TEXT
 from tests.tiny_models import save_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
+CPU_FSDP = "tests.fsdp_cpu.CPUFSDPStrategy"
+# "fsdp": the whole LightningModule one FSDP unit (Lightning's default); "fsdp_blocks": each decoder layer a unit.
+FSDP_STRATEGIES = {"fsdp": {"class_path": CPU_FSDP},
+                   "fsdp_blocks": {"class_path": CPU_FSDP, "init_args": {"auto_wrap_policy": [
+                       "transformers.models.llama.modeling_llama.LlamaDecoderLayer"]}}}
 RUN_TIMEOUT_S = 180  # a hung collective must fail the test, not stall the suite
 EVAL_WINDOWS = 5  # odd: a padding sampler would evaluate one window twice under 2 processes
 
@@ -73,8 +80,10 @@ def _config(model_dir: Path, corpus: Path, run_dir: Path, case: dict) -> dict:
     }
 
 
-def launch(config: dict, run_dir: Path, strategy: str, subcommand: str = "validate") -> float:
-    """``litforge <subcommand>`` with ``strategy`` ("auto": 1 process, else 2 CPU processes); returns seconds.
+def launch(config: dict, run_dir: Path, strategy: str, subcommand: str = "validate", extra: Sequence[str] = ()
+           ) -> float:  # fmt: skip
+    """``litforge <subcommand>`` with ``strategy`` ("auto": 1 process, else 2 CPU processes; "fsdp" through
+    ``tests.fsdp_cpu.CPUFSDPStrategy``); returns seconds.
 
     ``"multinode"`` runs Lightning's multi-node DDP on this machine: two ``litforge`` processes, one per "node"
     (``NODE_RANK`` 0 and 1, ``--trainer.num_nodes 2 --trainer.devices 1``), meeting at one ``MASTER_ADDR:PORT``
@@ -88,6 +97,8 @@ def launch(config: dict, run_dir: Path, strategy: str, subcommand: str = "valida
     command = [sys.executable, "-m", "lit_modules.cli", subcommand, "-c", str(config_path)]
     if strategy == "multinode":
         flags, nodes = ["--trainer.strategy", "ddp", "--trainer.num_nodes", "2", "--trainer.devices", "1"], 2
+    elif strategy in FSDP_STRATEGIES:  # Lightning's FSDPStrategy, admitted on CPU (tests/fsdp_cpu.py)
+        flags, nodes = ["--trainer.strategy", json.dumps(FSDP_STRATEGIES[strategy]), "--trainer.devices", "2"], 1
     else:
         flags, nodes = ["--trainer.strategy", strategy, "--trainer.devices", "1" if strategy == "auto" else "2"], 1
     for attempt in range(3):
@@ -98,7 +109,7 @@ def launch(config: dict, run_dir: Path, strategy: str, subcommand: str = "valida
         for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
             env.pop(var, None)  # never inherit a launcher's rank from the pytest process
         started = time.perf_counter()
-        code, output = run_nodes(command + flags, run_dir, env, nodes, timeout=RUN_TIMEOUT_S)
+        code, output = run_nodes(command + flags + list(extra), run_dir, env, nodes, timeout=RUN_TIMEOUT_S)
         if code is None:
             pytest.fail(f"{strategy} run did not finish in {RUN_TIMEOUT_S}s (a collective that not every rank "
                         f"joined?)\n{output[-6000:]}")
@@ -153,8 +164,12 @@ def runs(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize(("case", "strategy"), [(case, "ddp") for case in CASES] + [("wanda_barber", "ddp_spawn"),
                                                                                       ("wanda", "multinode"),
-                                                                                      ("aptq_mixed", "multinode")])
-def test_ddp_compression_matches_single_process(case, strategy, runs):
+                                                                                      ("aptq_mixed", "multinode"),
+                                                                                      ("wanda_barber", "fsdp"),
+                                                                                      ("aptq_mixed", "fsdp"),
+                                                                                      ("sparsegpt_barber",
+                                                                                       "fsdp_blocks")])
+def test_compression_matches_single_process(case, strategy, runs):
     single, ddp = runs(case, strategy)
     reference = single["probes"][0]
     if CASES[case].get("_class", PRUNING) == PRUNING:
@@ -186,14 +201,15 @@ def test_ddp_compression_matches_single_process(case, strategy, runs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "multinode"])
-def test_ddp_perplexity_shards_without_padding_and_matches_single_process(runs, strategy):
-    """Validation perplexity under DDP equals the 1-process value (spec §5.1: no ``DistributedSampler`` padding)."""
-    single, ddp = runs("wanda", strategy)  # the runs of test_ddp_compression_matches_single_process[wanda-...]
+@pytest.mark.parametrize("strategy", ["ddp", "multinode", "fsdp"])
+def test_perplexity_counts_each_window_once_and_matches_single_process(runs, strategy):
+    """Validation perplexity on 2 processes equals the 1-process value (spec §5.1: no window counted twice)."""
+    # The runs of test_compression_matches_single_process[wanda-...] (wanda_barber under FSDP).
+    single, ddp = runs("wanda_barber" if strategy == "fsdp" else "wanda", strategy)
     windows = single["probes"][0]["windows"]
     assert len(windows) == EVAL_WINDOWS
     shards = [ddp["probes"][rank]["windows"] for rank in (0, 1)]
-    assert shards == [windows[0::2], windows[1::2]]  # disjoint, 3 + 2 windows, nothing repeated
+    assert shards == [windows[0::2], windows[1::2]]  # disjoint, 3 + 2 counted windows, nothing counted twice
 
     expected = single["probes"][0]["metrics"]["val/ppl"]
     for rank in (0, 1):

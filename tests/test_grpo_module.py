@@ -205,15 +205,16 @@ def test_resume_continues_entropy_schedule_and_keeps_checkpointed_total(tiny_mod
     assert schedule(2, 4) == pytest.approx(-0.02)
 
 
-def test_sharded_strategies_are_refused_naming_the_strategy_and_the_alternative():
+def test_strategies_without_gathering_are_refused_naming_the_strategy_and_the_alternatives():
     from lightning.fabric.utilities.exceptions import MisconfigurationException
-    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 
-    from lit_modules.grpo.policy import refuse_sharded_strategy
+    from lit_modules.grpo.policy import refuse_unsupported_strategy
 
-    with pytest.raises(MisconfigurationException, match=r"FSDPStrategy strategy.*strategy='ddp'"):
-        refuse_sharded_strategy(FSDPStrategy())
-    refuse_sharded_strategy(DDPStrategy())  # replicated parameters: allowed
+    with pytest.raises(MisconfigurationException, match=r"ModelParallelStrategy strategy.*strategy='fsdp'.*'ddp'"):
+        refuse_unsupported_strategy(ModelParallelStrategy())
+    refuse_unsupported_strategy(DDPStrategy())  # replicated parameters
+    refuse_unsupported_strategy(FSDPStrategy())  # sharded, gathered for generation (tests/test_fsdp.py)
 
 
 class NeverRewarded:

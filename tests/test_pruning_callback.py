@@ -8,7 +8,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from transformers import AutoModelForCausalLM
 
-from callbacks.calibration.distributed import refuse_sharded_strategy
+from callbacks.calibration.distributed import refuse_unsupported_strategy
 from callbacks.pruning.callback import Pruning
 from tests.pruning_helpers import calibration, corpus, linear_weights, validate
 
@@ -145,9 +145,15 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path):
         find_decoder_layers(torch.nn.Sequential(torch.nn.Linear(4, 4)))
 
 
-def test_sharded_strategies_are_refused_with_the_alternative():
-    with pytest.raises(MisconfigurationException, match=r"FSDPStrategy.*strategy='ddp'"):
-        refuse_sharded_strategy(FSDPStrategy(), "Pruning")
+def test_strategies_that_cannot_gather_are_refused_with_the_alternatives():
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+
+    with pytest.raises(MisconfigurationException, match=r"ModelParallelStrategy.*strategy='fsdp' or 'ddp'"):
+        refuse_unsupported_strategy(ModelParallelStrategy(), "Pruning")
+    with pytest.raises(MisconfigurationException, match=r"offload=True.*FSDPStrategy.*offload=False"):
+        refuse_unsupported_strategy(FSDPStrategy(), "Pruning", offload=True)
+    refuse_unsupported_strategy(FSDPStrategy(), "Pruning")  # gathered (tests/test_distributed.py, fsdp cases)
+    refuse_unsupported_strategy(DDPStrategy(), "Pruning", offload=True)
 
 
 def test_barber_leaves_ignored_modules_dense(tmp_path, tiny_model_dir):

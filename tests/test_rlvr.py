@@ -146,7 +146,8 @@ def test_train_and_val_are_disjoint_and_val_is_clean(tok_dir):
     assert all(r["label"] == r["clean_label"] == str(value(r["question"])) for r in val)
     assert all("is_corrupted" not in r for r in val)
     batch = next(iter(dm.val_dataloader()))
-    assert set(batch) == {"prompt", "question", "label", "clean_label", "id"} and len(batch["id"]) == 4
+    assert set(batch) == {"prompt", "question", "label", "clean_label", "id", "counted"} and len(batch["id"]) == 4
+    assert batch["counted"] == [True] * 4  # one process: nothing to even out
 
 
 def test_train_batches_and_seeded_shuffle(tok_dir):
@@ -185,13 +186,18 @@ def test_label_free_rewards_ignore_permuted_labels(tok_dir):
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_val_shards_cover_each_example_once(tok_dir, world):
-    ids = []
+    """Counted rows: every example once; with padding rows, every rank samples as many prompts (FSDP gathers)."""
+    ids, per_rank = [], []
     for rank in range(world):
         dm = RLVRDataModule(source="add_0_20", num_train=10, num_val=11, tokenizer=tok_dir, prompts_per_batch=3)
         dm.trainer = SimpleNamespace(world_size=world, global_rank=rank, lightning_module=None)
         dm.setup("validate")
-        ids += [i for batch in dm.val_dataloader() for i in batch["id"]]
+        batches = list(dm.val_dataloader())
+        ids += [i for batch in batches for i, counted in zip(batch["id"], batch["counted"]) if counted]
+        per_rank.append([len(batch["id"]) for batch in batches])
     assert sorted(ids) == sorted(r["id"] for r in make(num_train=10, num_val=11)._val)
+    assert all(sizes == per_rank[0] for sizes in per_rank)
+
 
 def test_plain_prompt_without_chat_template(tok_dir):
     dm = make(tok_dir)

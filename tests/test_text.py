@@ -6,7 +6,14 @@ import datasets
 import pytest
 import torch
 
-from datamodules.text import TextDataModule, UnpaddedShardSampler, WindowDataset, calibration_windows, eval_windows
+from datamodules.text import (
+    TextDataModule,
+    WindowDataset,
+    calibration_windows,
+    even_shards,
+    eval_windows,
+    pad_shard,
+)
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40
 
@@ -29,10 +36,21 @@ def test_calibration_windows_are_seeded_and_in_bounds():
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
-def test_unpadded_shards_cover_every_window_exactly_once(world):
-    data = WindowDataset(torch.zeros(7, 4, dtype=torch.long))
-    seen = [i for rank in range(world) for i in UnpaddedShardSampler(data, world, rank)]
-    assert sorted(seen) == list(range(7))
+def test_even_shards_count_every_window_exactly_once_and_have_equal_lengths(world):
+    data = WindowDataset(torch.arange(7).unsqueeze(1).repeat(1, 4))
+    shards = [[data_set[i] for i in (sampler or range(len(data_set)))]
+              for data_set, sampler in (even_shards(data, world, rank) for rank in range(world))]  # fmt: skip
+    assert {len(shard) for shard in shards} == {-(-7 // world)}  # as many forward passes on every rank
+    counted = [int(item["input_ids"][0]) for shard in shards for item in shard if item["counted"]]
+    assert sorted(counted) == list(range(7))
+    assert sum(not item["counted"] for shard in shards for item in shard) == world * -(-7 // world) - 7
+
+
+def test_padded_list_shards_mark_their_padding():
+    items = [{"i": i} for i in range(5)]
+    assert pad_shard(items[1::2], items, 2) == [{"i": 1, "counted": True}, {"i": 3, "counted": True},
+                                                {"i": 0, "counted": False}]  # fmt: skip
+    assert pad_shard(items[0::2], items, 2) == [{"i": i, "counted": True} for i in (0, 2, 4)]
 
 
 def _module(tmp_path, tiny_model_dir, source, **kwargs):

@@ -246,7 +246,7 @@ def test_dataloaders_yield_lists_of_example_dicts(tokenizer_dir):
         for batch in batches:
             assert isinstance(batch, list) and len(batch) == 1
             example = batch[0]
-            assert set(example) == {"task", "context_ids", "choice_ids", "choice_chars", "label"}
+            assert set(example) == {"task", "context_ids", "choice_ids", "choice_chars", "label", "counted"}
             assert example["task"] in dm.task_names
             assert all(isinstance(i, int) for i in example["context_ids"])
             assert len(example["choice_ids"]) == len(example["choice_chars"]) >= 2

@@ -17,7 +17,7 @@ from lightning import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedModel
 
-from callbacks.calibration.distributed import assert_identical_across_ranks, refuse_sharded_strategy
+from callbacks.calibration.distributed import assert_identical_across_ranks, full_weights, refuse_unsupported_strategy
 from callbacks.calibration.engine import SequentialEngine
 from callbacks.calibration.layers import compressible_linears, find_decoder_layers, weight_matrix
 from callbacks.calibration.report import library_versions, log_to_tensorboard, write_json_atomic
@@ -104,7 +104,7 @@ class CompressionCallback(Callback):
         return self._generate_state_key(**{k: repr(v) for k, v in self.config().items()})
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        refuse_sharded_strategy(trainer.strategy, type(self).__name__)
+        refuse_unsupported_strategy(trainer.strategy, type(self).__name__, self.offload)
         if self.needs_calibration and self._windows is None:
             # Here, before the model is loaded: bad calibration options fail before any heavy work.
             self._windows = self._calibration_windows(trainer)
@@ -132,19 +132,20 @@ class CompressionCallback(Callback):
         if self.done:
             return self.report
         trainer.strategy.barrier()  # ranks enter the collective-heavy calibration together (spec §7.4)
-        model = find_hf_model(pl_module, self.model_attr)
         if self.needs_calibration and self._windows is None:
             self._windows = self._calibration_windows(trainer)
-        engine = self._engine(model, pl_module.device) if self.needs_calibration else None
-        started = time.perf_counter()
-        with torch.inference_mode(False), torch.no_grad():
-            records = self.compress(model, engine)
-        seconds = time.perf_counter() - started
-        weights = [weight_matrix(m) for m in self._compressed_modules(model)]
-        digest = assert_identical_across_ranks(weights, f"{type(self).__name__} results")
-        self.report = self._build_report(records, seconds, digest, trainer)
-        self._publish(trainer)
-        self._export(trainer, pl_module)
+        with full_weights(trainer.strategy, pl_module):  # FSDP: gathered here, written back to the shards after
+            model = find_hf_model(pl_module, self.model_attr)
+            engine = self._engine(model, pl_module.device) if self.needs_calibration else None
+            started = time.perf_counter()
+            with torch.inference_mode(False), torch.no_grad():
+                records = self.compress(model, engine)
+            seconds = time.perf_counter() - started
+            weights = [weight_matrix(m) for m in self._compressed_modules(model)]
+            digest = assert_identical_across_ranks(weights, f"{type(self).__name__} results")
+            self.report = self._build_report(records, seconds, digest, trainer)
+            self._publish(trainer)
+            self._export(trainer, pl_module)
         self.done = True
         return self.report
 

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import torch
 from lightning import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
@@ -38,11 +39,12 @@ from lit_modules.grpo.policy import (
     is_image_text_model,
     load_policy,
     placeholder_token_ids,
-    refuse_sharded_strategy,
+    refuse_unsupported_strategy,
 )
 from lit_modules.grpo.phase_schedule import PhaseSchedule
+from lit_modules.grpo.sharding import clip_grad_norm, gathered, is_fsdp, is_sharded, shard
 from lit_modules.grpo.rewards import RewardSet, reward_name, weighted_sum
-from lit_modules.grpo.step_metrics import step_metrics
+from lit_modules.grpo.step_metrics import ZeroRewardWatch, step_metrics
 from lit_modules.grpo.rollout import (
     Rollout,
     completion_logits,
@@ -90,12 +92,16 @@ class GRPOModule(PhaseSchedule, LightningModule):
         rewards, reward_weights: reward callables (registry names, import paths, dicts or callables) and weights;
             their weighted sum (None terms skipped) is the reward (spec §3.3, ``sum_then_normalize``).
         learning_rate, weight_decay: AdamW over the trainable parameters.
+        optimizer: instead of that AdamW, a callable building the optimizer from the trainable parameters (from
+            YAML: ``class_path: torch.optim.SGD`` + ``init_args``); called once the policy is loaded (and sharded).
         total_steps: S for the schedule; default ``trainer.max_steps`` if set, else
             ``trainer.estimated_stepping_batches × num_iterations``. Stored in checkpoints (resume keeps it).
         entropy_chunk_size: positions per fp32 chunk of the log-prob/entropy maths (memory bound).
         max_grad_norm: gradient-norm clipping before each optimizer step (None: off).
         freeze_vision: for image-text models, keep the vision tower frozen (only the language model trains).
         zero_reward_patience: warn once when no completion is rewarded for this many steps in a row (None: never).
+        gather_for_generation: under FSDP, gather the whole policy once per rollout (fast; needs the full model's
+            memory on each device) rather than block by block at every decoding step (``sharding.gathered``).
 
     Image-text models (a folder whose config is a transformers image-text-to-text model, e.g. Qwen2-VL/Qwen2.5-VL)
     load with their processor; batches then carry an ``image`` column (one PIL image, or a list, per prompt) and
@@ -127,6 +133,8 @@ class GRPOModule(PhaseSchedule, LightningModule):
         max_grad_norm: float | None = 1.0,
         freeze_vision: bool = True,
         zero_reward_patience: int | None = 10,
+        optimizer: OptimizerCallable | None = None,
+        gather_for_generation: bool = True,
     ):
         super().__init__()
         check_model_source(model_name_or_path, option="model_name_or_path")
@@ -160,7 +168,7 @@ class GRPOModule(PhaseSchedule, LightningModule):
             warnings.warn(f"top_p={top_p} < 1: sampling no longer follows softmax(z/T), which the loss and entropy "
                           "assume (spec §2.1).", stacklevel=2)  # fmt: skip
         # Schedules and callables are not YAML-serialisable: store their names/arguments instead.
-        self.save_hyperparameters(ignore=["entropy_schedule", "rewards"])
+        self.save_hyperparameters(ignore=["entropy_schedule", "rewards", "optimizer"])
         self.hparams["entropy_schedule"] = self.entropy_schedule.hparams()
         self.hparams["rewards"] = [r if isinstance(r, (str, dict)) else reward_name(r) for r in rewards or
                                    ["accuracy"]]  # fmt: skip
@@ -169,7 +177,8 @@ class GRPOModule(PhaseSchedule, LightningModule):
         self.max_new_tokens, self.scale_rewards, self.num_iterations = max_new_tokens, scale_rewards, num_iterations
         self.learning_rate, self.weight_decay, self.total_steps = learning_rate, weight_decay, total_steps
         self.entropy_chunk_size, self.max_grad_norm, self.freeze_vision = entropy_chunk_size, max_grad_norm, freeze_vision
-        self.zero_reward_patience, self._zero_reward_steps = zero_reward_patience, 0
+        self.zero_reward_watch = ZeroRewardWatch(zero_reward_patience)
+        self.optimizer_factory, self.gather_for_generation = optimizer, gather_for_generation
         # Manual optimisation (spec §1.4): generation, μ optimizer steps per generated batch and the loss scaling
         # are ours to control; automatic optimisation allows one step per training_step and would also re-run
         # training_step (i.e. re-generate) inside the optimizer closure.
@@ -187,7 +196,7 @@ class GRPOModule(PhaseSchedule, LightningModule):
 
     # -- loading -----------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        refuse_sharded_strategy(self.trainer.strategy)  # Lightning calls setup before configure_model
+        refuse_unsupported_strategy(self.trainer.strategy)  # Lightning calls setup before configure_model
 
     def configure_model(self) -> None:
         """Load the policy (and, for β > 0 only, a frozen reference copy) lazily, after option validation."""
@@ -203,6 +212,9 @@ class GRPOModule(PhaseSchedule, LightningModule):
             # A copy of the freshly loaded weights *is* the reference policy; it sits in the state dict so that a
             # resumed run compares against the same reference without re-deriving it.
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        if self._trainer is not None and is_fsdp(self.trainer.strategy):
+            self.model = shard(self.model, self.trainer.strategy)
+            self.ref_model = shard(self.ref_model, self.trainer.strategy) if self.ref_model is not None else None
 
     @property
     def is_multimodal(self) -> bool:
@@ -241,6 +253,8 @@ class GRPOModule(PhaseSchedule, LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.optimizer_factory is not None:
+            return self.optimizer_factory(params)
         return torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
 
     # -- one training step ---------------------------------------------------------------------------
@@ -256,7 +270,7 @@ class GRPOModule(PhaseSchedule, LightningModule):
         scores = self.reward_set.scores(list(repeat_column(batch["prompt"], self.num_generations)),
                                         rollout.completions, **columns)  # fmt: skip
         rewards = weighted_sum(scores, self.reward_set.weights)
-        self._warn_if_never_rewarded(rewards)
+        self.zero_reward_watch.update(rewards, self.trainer.global_step)
         advantages = group_advantages(rewards, self.num_generations, self.scale_rewards).to(self.device)
         first_coef, outputs = self.entropy_coef(), []
         for _ in range(self.num_iterations):
@@ -280,10 +294,11 @@ class GRPOModule(PhaseSchedule, LightningModule):
             ids, mask = tokenize_prompts(self.tokenizer, prompts, self.device)
             ids, mask, image_inputs = ids.repeat_interleave(repeats, dim=0), mask.repeat_interleave(repeats, dim=0), {}
         eos = eos_token_ids(self.model, self.tokenizer)
-        completion_ids = generate(self.model, ids, mask, eos=eos, pad=self.tokenizer.pad_token_id,
-                                  max_new_tokens=self.max_new_tokens, do_sample=do_sample,
-                                  temperature=self.temperature, top_p=self.top_p, image_inputs=image_inputs,
-                                  suppress=self.excluded_tokens)  # fmt: skip
+        with gathered(self.model, self.gather_for_generation) as lockstep:
+            completion_ids = generate(self.model, ids, mask, eos=eos, pad=self.tokenizer.pad_token_id,
+                                      max_new_tokens=self.max_new_tokens, do_sample=do_sample,
+                                      temperature=self.temperature, top_p=self.top_p, image_inputs=image_inputs,
+                                      suppress=self.excluded_tokens, lockstep=lockstep)  # fmt: skip
         completion_mask, truncated = first_eos_mask(completion_ids, eos)
         texts = decode(self.tokenizer, completion_ids, completion_mask)
         return Rollout(ids, mask, completion_ids, completion_mask, texts, truncated, image_inputs)
@@ -342,7 +357,9 @@ class GRPOModule(PhaseSchedule, LightningModule):
         optimizer = self.optimizers()
         optimizer.zero_grad()
         self.manual_backward(out.loss)
-        if self.max_grad_norm is not None:
+        if self.max_grad_norm is not None and is_sharded(self.model):
+            clip_grad_norm(self.model, self.max_grad_norm)
+        elif self.max_grad_norm is not None:
             self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
         optimizer.step()
         return out
@@ -371,23 +388,12 @@ class GRPOModule(PhaseSchedule, LightningModule):
         self.log_dict({f"train/{k}": v for k, v in metrics.items() if math.isfinite(v)}, on_step=True,
                       on_epoch=False, batch_size=len(batch["prompt"]))  # fmt: skip
 
-    def _warn_if_never_rewarded(self, rewards: torch.Tensor) -> None:
-        """Spec §8.7: when no completion earns any reward for ``zero_reward_patience`` steps in a row, every group's
-        advantages are 0 and GRPO cannot learn; say so once instead of training silently on nothing."""
-        if self.zero_reward_patience is None:
-            return
-        self._zero_reward_steps = self._zero_reward_steps + 1 if not torch.nan_to_num(rewards).any() else 0
-        if self._zero_reward_steps == self.zero_reward_patience:
-            warnings.warn(f"no completion earned any reward for {self._zero_reward_steps} steps in a row (up to step "
-                          f"{self.trainer.global_step}): every advantage is 0, so GRPO has no signal. The base model "
-                          "cannot solve these prompts yet: warm-start it (e.g. supervised fine-tuning), use an "
-                          "easier task, or sample more completions (num_generations).", stacklevel=2)
-
     # -- validation: greedy decoding scored against clean labels ------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         rollout = self.sample(batch["prompt"], do_sample=False, repeats=1, images=batch.get("image"))
         labels = batch["clean_label"] if "clean_label" in batch else batch["label"]
-        scores = [s for s in label_scores(rollout.completions, labels) if s is not None]
+        counted = batch.get("counted", [True] * len(labels))  # padding rows even out the ranks' generate calls
+        scores = [s for s, c in zip(label_scores(rollout.completions, labels), counted) if s is not None and c]
         if scores:
             self.val_clean_acc.update(torch.tensor(scores, device=self.device))
         # A torchmetrics object syncs once when computed at epoch end: no collective per batch.

@@ -11,18 +11,19 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 log = logging.getLogger(__name__)
 
-# Strategies that shard the policy's parameters: generation under them is not implemented (nor tested) yet.
-SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+# Sharding strategies GRPOModule does not run under: generation needs gathered parameters, and only FSDP's gathering
+# is implemented (``sharding.py``) and tested.
+UNSUPPORTED_STRATEGIES = ("DeepSpeedStrategy", "ModelParallelStrategy")
 
 
-def refuse_sharded_strategy(strategy: object) -> None:
+def refuse_unsupported_strategy(strategy: object) -> None:
     """One clear error, before any model is loaded, for a strategy GRPOModule cannot run under yet."""
-    refused = sorted({cls.__name__ for cls in type(strategy).__mro__} & set(SHARDED_STRATEGIES))
+    refused = sorted({cls.__name__ for cls in type(strategy).__mro__} & set(UNSUPPORTED_STRATEGIES))
     if refused:
         raise MisconfigurationException(
             f"GRPOModule does not support the {refused[0]} strategy yet: generating completions needs the full "
-            "parameters, and sampling with sharded ones is not implemented. Use strategy='ddp' (the policy is "
-            "replicated on every device; tested), or a single device.")
+            "parameters, and gathering them is implemented for FSDP only. Use strategy='fsdp' (shards the policy; "
+            "tested), strategy='ddp' (replicates it; tested), or a single device.")
 
 # Attribute names of vision encoders in transformers' image-text models (Qwen2-VL: model.visual).
 VISION_TOWERS = ("visual", "vision_tower", "vision_model")

@@ -67,13 +67,15 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 @torch.no_grad()
 def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, eos: list[int], pad: int, max_new_tokens: int,
              do_sample: bool, temperature: float = 1.0, top_p: float = 1.0,
-             image_inputs: Mapping[str, Tensor] | None = None, suppress: Sequence[int] = ()) -> Tensor:  # fmt: skip
+             image_inputs: Mapping[str, Tensor] | None = None, suppress: Sequence[int] = (),
+             lockstep: bool = False) -> Tensor:  # fmt: skip
     """Completion ids ``[N, Tc]`` from ``model.generate`` with the KV cache, in eval mode (no dropout while sampling).
 
     ``top_k=0`` explicitly: a checkpoint's generation_config may set top_k, which would make the sampled
     distribution differ from ``softmax(z/T)`` that the loss and entropy use (spec §2.1). ``suppress``: token ids the
     policy must never emit (image placeholders: one in a completion would break every later image-token count); the
     log-prob pass excludes the same ids (``token_stats(excluded=...)``), so sampling and training agree.
+    ``lockstep``: every rank keeps decoding until all are done (layer-by-layer gathering under FSDP needs it).
     """
     was_training = model.training
     model.eval()
@@ -82,7 +84,8 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, eos: list[int], 
     try:
         out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
                              eos_token_id=eos, pad_token_id=pad, use_cache=True, **sampling,
-                             suppress_tokens=list(suppress) or None, **(image_inputs or {}))  # fmt: skip
+                             suppress_tokens=list(suppress) or None, synced_gpus=lockstep,
+                             **(image_inputs or {}))  # fmt: skip
     finally:
         model.train(was_training)
     return out[:, prompt_ids.shape[1]:]

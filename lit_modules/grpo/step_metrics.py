@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import warnings
+
 import torch
 
 from lit_modules.grpo.loss import GRPOLossOutput, reward_metrics
@@ -35,3 +37,21 @@ def step_metrics(batch: Mapping[str, Any], rollout: Rollout, rewards: torch.Tens
     metrics.update(timing)
     metrics.update(label_metrics(rollout.completions, batch, group_size))
     return metrics
+
+
+class ZeroRewardWatch:
+    """Spec §8.7: when no completion earns any reward for ``patience`` steps in a row, every group's advantages are
+    0 and GRPO cannot learn; say so once instead of training silently on nothing (``patience=None``: never)."""
+
+    def __init__(self, patience: int | None):
+        self.patience, self.steps = patience, 0
+
+    def update(self, rewards: torch.Tensor, global_step: int) -> None:
+        if self.patience is None:
+            return
+        self.steps = self.steps + 1 if not torch.nan_to_num(rewards).any() else 0
+        if self.steps == self.patience:
+            warnings.warn(f"no completion earned any reward for {self.steps} steps in a row (up to step "
+                          f"{global_step}): every advantage is 0, so GRPO has no signal. The base model cannot solve "
+                          "these prompts yet: warm-start it (e.g. supervised fine-tuning), use an easier task, or "
+                          "sample more completions (num_generations).", stacklevel=3)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from datamodules.assets import save_model_folder
 from datamodules.image_tasks import COLOURS, SHAPES
 
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
@@ -120,5 +121,5 @@ def save_initial_vlm(out: Path, *, seed: int = 0, **config) -> None:
     model = AutoModelForImageTextToText.from_config(tiny_qwen2_vl_config(processor.tokenizer, **config))
     model.generation_config = GenerationConfig(eos_token_id=processor.tokenizer.eos_token_id,
                                                pad_token_id=processor.tokenizer.pad_token_id)
-    model.save_pretrained(out)
+    save_model_folder(model, out)
     processor.save_pretrained(out)
