@@ -213,6 +213,10 @@ def test_strategies_without_gathering_are_refused_naming_the_strategy_and_the_al
 
     with pytest.raises(MisconfigurationException, match=r"ModelParallelStrategy strategy.*strategy='fsdp'.*'ddp'"):
         refuse_unsupported_strategy(ModelParallelStrategy())
+    # DeepSpeed is not installed here (Lightning refuses to build its strategy); a class of that name stands in.
+    deepspeed_like = type("DeepSpeedStrategy", (DDPStrategy,), {})
+    with pytest.raises(MisconfigurationException, match=r"DeepSpeedStrategy strategy.*strategy='fsdp'"):
+        refuse_unsupported_strategy(deepspeed_like())
     refuse_unsupported_strategy(DDPStrategy())  # replicated parameters
     refuse_unsupported_strategy(FSDPStrategy())  # sharded, gathered for generation (tests/test_fsdp.py)
 

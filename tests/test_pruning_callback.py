@@ -150,6 +150,9 @@ def test_strategies_that_cannot_gather_are_refused_with_the_alternatives():
 
     with pytest.raises(MisconfigurationException, match=r"ModelParallelStrategy.*strategy='fsdp' or 'ddp'"):
         refuse_unsupported_strategy(ModelParallelStrategy(), "Pruning")
+    deepspeed_like = type("DeepSpeedStrategy", (DDPStrategy,), {})  # DeepSpeed itself is not installed here
+    with pytest.raises(MisconfigurationException, match=r"Quantization does not support the DeepSpeedStrategy"):
+        refuse_unsupported_strategy(deepspeed_like(), "Quantization")
     with pytest.raises(MisconfigurationException, match=r"offload=True.*FSDPStrategy.*offload=False"):
         refuse_unsupported_strategy(FSDPStrategy(), "Pruning", offload=True)
     refuse_unsupported_strategy(FSDPStrategy(), "Pruning")  # gathered (tests/test_distributed.py, fsdp cases)

@@ -11,7 +11,7 @@ import torch
 from lightning import LightningModule, Trainer
 from lightning.pytorch.loggers import CSVLogger
 
-from datamodules.assets import SMOLLM2, cache_root
+from datamodules.assets import SMOLLM2, resolve_model
 from datamodules.rlvr import EVAL_ONLY_COLUMNS, RLVRDataModule, reward_columns
 from datamodules.synthetic import DIFFICULTY, SYSTEMATIC_RULES, TASKS, generate, get_task, parse_question
 from lit_modules.grpo.rewards import MajorityVote, SoftSelfConsistency
@@ -216,14 +216,8 @@ def test_tokenizer_defaults_to_the_modules_model(tok_dir):
     assert dm.format_prompt("1 + 1") == TEMPLATE.format(question="1 + 1")
 
 
-def _cached_smollm2():
-    folders = sorted(cache_root().glob(f"{SMOLLM2}-*/.litforge-complete"))
-    return str(folders[-1].parent) if folders else None
-
-
-@pytest.mark.skipif(_cached_smollm2() is None, reason="SmolLM2 not materialised in the litforge cache")
 def test_chat_prompt_with_smollm2_template():
-    dm = make(_cached_smollm2(), system_prompt="You add numbers.")
+    dm = make(str(resolve_model(SMOLLM2)), system_prompt="You add numbers.")  # materialised on first use
     prompt = dm.format_prompt("3 + 4")
     assert prompt.startswith("<|im_start|>system\nYou add numbers.<|im_end|>")
     assert "<|im_start|>user\nWhat is 3 + 4? Answer with just the number.<|im_end|>" in prompt
