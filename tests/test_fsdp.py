@@ -139,3 +139,19 @@ def test_grpo_fsdp_trains_an_image_text_policy_as_ddp_does(tiny_vlm_dir, tmp_pat
     vision = [n for n in before if ".visual." in n]
     assert vision and all(torch.equal(fsdp_state[n], before[n]) for n in vision)  # frozen under FSDP too
     assert any(not torch.equal(fsdp_state[n], before[n]) for n in before if n not in vision), "nothing trained"
+
+
+def test_block_policy_names_the_blocks_and_refuses_a_model_without_any():
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from lit_modules.grpo.sharding import decoder_layer_policy, gathered
+    from tests.tiny_models import build_tiny_model
+
+    model = build_tiny_model("llama")
+    policy = decoder_layer_policy(model)
+    assert isinstance(policy, ModuleWrapPolicy)
+    assert {c.__name__ for c in policy._module_classes} == {"LlamaDecoderLayer"}
+    with pytest.raises(ValueError, match="auto_wrap_policy"):
+        decoder_layer_policy(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    with gathered(model, whole_model=False) as lockstep:  # an unsharded policy: nothing to gather, no lockstep
+        assert lockstep is False
