@@ -2,8 +2,8 @@
 
 No pretrained VLM can be installed offline, so the multimodal path runs on a Qwen2-VL-architecture model that the
 project initialises here and warm-starts with its own SFT recipe (``lit_modules/sft.py``). Qwen2-VL rather than
-SmolVLM's design (a vision tower feeding the 135M SmolLM2 decoder): a 0.9M-parameter Qwen2-VL reaches 0.41 clean
-grounding accuracy in about 5 minutes on 2 CPU cores, where the 135M decoder would make every step ~150× larger (not
+SmolVLM's design (a vision tower feeding the 135M SmolLM2 decoder): a 0.9M-parameter Qwen2-VL reaches 0.36-0.41 clean
+grounding accuracy (by machine) in about 5 minutes on 2 CPU cores, where the 135M decoder would make every step ~150× larger (not
 measured); and Qwen2-VL is the paper's own family, so the same code path (M-RoPE, 2-D ``pixel_values``,
 ``image_grid_thw``) serves the real models.
 
