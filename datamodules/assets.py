@@ -60,12 +60,12 @@ def materialize_once(key: str, build: Callable[[Path], None], root: Path | None 
     final = root / key
     if (final / _COMPLETE_MARKER).is_file():
         return final
-    # A folder only ever appears at ``final`` complete (renamed into place with its marker), so one without the marker
-    # is a leftover of an interrupted older writer -- unless a concurrent writer (another rank on its first run) has
-    # just renamed its copy into place: look at the marker again after seeing the folder, never before.
-    if final.exists() and (final / _COMPLETE_MARKER).is_file():
-        return final
     if final.exists():
+        # A folder only ever appears at ``final`` complete (renamed into place with its marker), so one without the
+        # marker is a leftover of an interrupted older writer -- unless a concurrent writer (another rank on its first
+        # run) has just renamed its copy into place: look at the marker again after seeing the folder, never before.
+        if (final / _COMPLETE_MARKER).is_file():
+            return final
         log.warning("discarding incomplete cache folder %s", final)
         shutil.rmtree(final, ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)

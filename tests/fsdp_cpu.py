@@ -25,6 +25,8 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, FullyShardedDataParallel, StateDictType
 
+from lit_modules.grpo.sharding import wrap_like
+
 # Lightning modules that build the full-state-dict context under this name.
 _CONTEXT_USERS = (pytorch_fsdp, fabric_fsdp, fabric_model_parallel)
 
@@ -51,10 +53,7 @@ class CPUFSDPStrategy(FSDPStrategy):
     def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.root_device.type == "cpu" and not any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
             # What the parent does for a module nothing has wrapped yet, with the device torch needs on CPU.
-            model = FullyShardedDataParallel(model, cpu_offload=self.cpu_offload,
-                                             mixed_precision=self.mixed_precision_config,
-                                             sharding_strategy=self.sharding_strategy, device_id=self.root_device,
-                                             **self.kwargs)  # fmt: skip
+            model = wrap_like(self, model)
         return super()._setup_model(model)
 
     def lightning_module_state_dict(self) -> dict[str, Any]:

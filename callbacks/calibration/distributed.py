@@ -18,21 +18,34 @@ import torch.distributed as dist
 from torch import nn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-# Strategies whose parameters are sharded outside forward and that no callback can gather yet.
-_UNSUPPORTED_STRATEGIES = ("ModelParallelStrategy", "DeepSpeedStrategy")
+# Strategies whose parameters are sharded outside forward and that litforge cannot gather yet (by class name:
+# DeepSpeed's strategy cannot even be imported without DeepSpeed installed).
+UNGATHERED_STRATEGIES = ("DeepSpeedStrategy", "ModelParallelStrategy")
+
+
+def ungathered_strategy(strategy: object) -> str | None:
+    """The name of the class in ``strategy``'s hierarchy that is one of ``UNGATHERED_STRATEGIES``, else None."""
+    refused = sorted({cls.__name__ for cls in type(strategy).__mro__} & set(UNGATHERED_STRATEGIES))
+    return refused[0] if refused else None
+
+
+def is_fsdp(strategy: object) -> bool:
+    """Whether ``strategy`` is Lightning's FSDPStrategy (or a subclass of it)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return isinstance(strategy, FSDPStrategy)
 
 
 def refuse_unsupported_strategy(strategy: object, callback_name: str, offload: bool = False) -> None:
     """Raise a clear error for strategies whose weights this callback cannot rewrite (and for ``offload`` under
     FSDP: moving a layer between devices would detach it from the gathered parameters it must write back to)."""
-    names = {cls.__name__ for cls in type(strategy).__mro__}
-    refused = names.intersection(_UNSUPPORTED_STRATEGIES)
+    refused = ungathered_strategy(strategy)
     if refused:
         raise MisconfigurationException(
-            f"{callback_name} does not support the {sorted(refused)[0]} strategy yet (its weights are sharded and "
+            f"{callback_name} does not support the {refused} strategy yet (its weights are sharded and "
             "only FSDP's can be gathered here). Use strategy='fsdp' or 'ddp' (or a single device) to compress, "
             "save_pretrained the result, and load it under the other strategy afterwards.")  # fmt: skip
-    if offload and "FSDPStrategy" in names:
+    if offload and is_fsdp(strategy):
         raise MisconfigurationException(
             f"{callback_name}(offload=True) does not support the FSDPStrategy strategy: the weights are gathered on "
             "every device for compression, and offloading layers would move them out of that gathered copy. "
@@ -47,9 +60,7 @@ def full_weights(strategy: object, module: nn.Module) -> Iterator[None]:
     layers, names and ``save_pretrained`` keys the callbacks see are those of the single-device model. The gathered
     copy needs the full model's memory on each device while the callback runs (as under ddp); gathering one block
     at a time is not implemented. Other strategies: nothing to do."""
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    if not isinstance(strategy, FSDPStrategy):
+    if not is_fsdp(strategy):
         yield
         return
     from torch.distributed.fsdp import FullyShardedDataParallel

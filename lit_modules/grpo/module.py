@@ -21,6 +21,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
+from callbacks.calibration.distributed import is_fsdp
 from datamodules.assets import check_model_source, resolve_model
 from lit_modules.causal_lm import DTYPES
 from lit_modules.grpo.entropy import EntropySchedule, MaxToMin, schedule_from_config, stage_label
@@ -42,7 +43,7 @@ from lit_modules.grpo.policy import (
     refuse_unsupported_strategy,
 )
 from lit_modules.grpo.phase_schedule import PhaseSchedule
-from lit_modules.grpo.sharding import clip_grad_norm, gathered, is_fsdp, is_sharded, shard
+from lit_modules.grpo.sharding import gathered, is_sharded, shard
 from lit_modules.grpo.rewards import RewardSet, reward_name, weighted_sum
 from lit_modules.grpo.step_metrics import ZeroRewardWatch, step_metrics
 from lit_modules.grpo.rollout import (
@@ -358,7 +359,8 @@ class GRPOModule(PhaseSchedule, LightningModule):
         optimizer.zero_grad()
         self.manual_backward(out.loss)
         if self.max_grad_norm is not None and is_sharded(self.model):
-            clip_grad_norm(self.model, self.max_grad_norm)
+            # FSDP's own clipping: the global norm over every rank's shard (a plain norm would see one shard).
+            self.model.clip_grad_norm_(self.max_grad_norm)
         elif self.max_grad_norm is not None:
             self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
         optimizer.step()

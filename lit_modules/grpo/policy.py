@@ -9,19 +9,18 @@ from pathlib import Path
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-log = logging.getLogger(__name__)
+from callbacks.calibration.distributed import ungathered_strategy
 
-# Sharding strategies GRPOModule does not run under: generation needs gathered parameters, and only FSDP's gathering
-# is implemented (``sharding.py``) and tested.
-UNSUPPORTED_STRATEGIES = ("DeepSpeedStrategy", "ModelParallelStrategy")
+log = logging.getLogger(__name__)
 
 
 def refuse_unsupported_strategy(strategy: object) -> None:
-    """One clear error, before any model is loaded, for a strategy GRPOModule cannot run under yet."""
-    refused = sorted({cls.__name__ for cls in type(strategy).__mro__} & set(UNSUPPORTED_STRATEGIES))
+    """One clear error, before any model is loaded, for a strategy GRPOModule cannot run under yet: generation needs
+    gathered parameters, and only FSDP's gathering is implemented (``sharding.py``) and tested."""
+    refused = ungathered_strategy(strategy)
     if refused:
         raise MisconfigurationException(
-            f"GRPOModule does not support the {refused[0]} strategy yet: generating completions needs the full "
+            f"GRPOModule does not support the {refused} strategy yet: generating completions needs the full "
             "parameters, and gathering them is implemented for FSDP only. Use strategy='fsdp' (shards the policy; "
             "tested), strategy='ddp' (replicates it; tested), or a single device.")
 

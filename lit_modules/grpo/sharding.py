@@ -14,13 +14,6 @@ from contextlib import contextmanager
 import torch
 
 
-def is_fsdp(strategy: object) -> bool:
-    """Whether ``strategy`` is Lightning's FSDPStrategy (or a subclass of it)."""
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    return isinstance(strategy, FSDPStrategy)
-
-
 def decoder_layer_policy(model: torch.nn.Module):
     """Auto-wrap policy making each transformer block one FSDP unit: the classes transformers itself refuses to split
     across devices (``_no_split_modules``, e.g. LlamaDecoderLayer, Qwen2VLVisionBlock), as found in ``model``."""
@@ -34,17 +27,23 @@ def decoder_layer_policy(model: torch.nn.Module):
     return ModuleWrapPolicy(classes)
 
 
-def shard(model: torch.nn.Module, strategy) -> torch.nn.Module:
-    """``model`` as an FSDP root configured like the strategy (sharding, mixed precision, CPU offload, its extra
-    keyword arguments); one unit per transformer block unless the strategy names an ``auto_wrap_policy``."""
+def wrap_like(strategy, module: torch.nn.Module, **overrides) -> torch.nn.Module:
+    """``module`` as an FSDP root configured like Lightning's FSDPStrategy ``strategy`` (sharding, mixed precision,
+    CPU offload, its extra keyword arguments, ``overrides`` on top), on the strategy's device."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    kwargs = dict(strategy.kwargs)
-    kwargs.setdefault("auto_wrap_policy", decoder_layer_policy(model))
-    return FullyShardedDataParallel(model, cpu_offload=strategy.cpu_offload,
+    return FullyShardedDataParallel(module, cpu_offload=strategy.cpu_offload,
                                     mixed_precision=strategy.mixed_precision_config,
                                     sharding_strategy=strategy.sharding_strategy, device_id=strategy.root_device,
-                                    **kwargs)  # fmt: skip
+                                    **{**strategy.kwargs, **overrides})  # fmt: skip
+
+
+def shard(model: torch.nn.Module, strategy) -> torch.nn.Module:
+    """``model`` wrapped like the strategy wraps modules; one unit per transformer block unless the strategy names an
+    ``auto_wrap_policy``."""
+    if "auto_wrap_policy" in strategy.kwargs:
+        return wrap_like(strategy, model)
+    return wrap_like(strategy, model, auto_wrap_policy=decoder_layer_policy(model))
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -69,7 +68,3 @@ def gathered(model: torch.nn.Module, whole_model: bool) -> Iterator[bool]:
     with FullyShardedDataParallel.summon_full_params(model, writeback=False, recurse=whole_model):
         yield not whole_model
 
-
-def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
-    """Clip by the global norm over every rank's shard (torch's plain clip_grad_norm_ would see only local shards)."""
-    return model.clip_grad_norm_(max_norm)
